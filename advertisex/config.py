@@ -1,0 +1,148 @@
+"""Configuration: package defaults overlaid by one YAML file per environment.
+
+Every key a conf file may set exists in ``defaults.yaml``; anything else is a typo and stops the
+job with a one-line message, before Spark starts.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pkgutil
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+FEEDS = ("impressions", "clicks_conversions", "bid_requests")
+
+# Sections whose keys are free-form (names chosen by the user), so they are not checked against
+# the defaults key by key.
+_OPEN_SECTIONS = {"spark.extra", "kafka.options"}
+_RULE_SECTIONS = {f"validation.rules.{feed}" for feed in FEEDS}
+_INTERVAL = re.compile(r"^\d+\s+(second|minute|hour|day)s?$")
+
+
+class ConfigError(ValueError):
+    """A bad conf file, conf key, argument or missing secret; the message is one line."""
+
+
+def _defaults() -> dict:
+    raw = pkgutil.get_data("advertisex", "defaults.yaml")
+    return yaml.safe_load(raw)
+
+
+def _merge(base: dict, override: dict, path: str = "") -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        where = f"{path}.{key}" if path else str(key)
+        if path in _OPEN_SECTIONS or path in _RULE_SECTIONS:
+            merged[key] = value
+            continue
+        if key not in base:
+            raise ConfigError(f"unknown conf key '{where}'")
+        if isinstance(base[key], dict) and value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"conf key '{where}' must be a mapping, got {type(value).__name__}")
+            merged[key] = _merge(base[key], value, where)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check(conf: dict) -> None:
+    if conf["source"] not in ("files", "kafka"):
+        raise ConfigError(f"conf key 'source' must be 'files' or 'kafka', got {conf['source']!r}")
+    if conf["spark"]["state_store_provider"] not in ("hdfs", "rocksdb"):
+        raise ConfigError("conf key 'spark.state_store_provider' must be 'hdfs' or 'rocksdb'")
+    for key in ("spark.shuffle_partitions", "files.max_files_per_trigger", "kafka.max_offsets_per_trigger"):
+        section, name = key.split(".")
+        value = conf[section][name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"conf key '{key}' must be a positive integer, got {value!r}")
+    for key in ("streaming.trigger_interval", "validation.max_future_skew"):
+        section, name = key.split(".")
+        if not _INTERVAL.match(str(conf[section][name])):
+            raise ConfigError(f"conf key '{key}' must look like '10 seconds', got {conf[section][name]!r}")
+    for feed in FEEDS:
+        rules = conf["validation"]["rules"].get(feed) or {}
+        if "malformed_record" not in rules:
+            raise ConfigError(f"conf key 'validation.rules.{feed}' must define malformed_record")
+        for name, condition in rules.items():
+            if not isinstance(condition, str) or not condition.strip():
+                raise ConfigError(f"conf key 'validation.rules.{feed}.{name}' must be a SQL condition string")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The merged conf plus the paths given on the command line."""
+
+    conf: dict
+
+    @property
+    def landing(self) -> str:
+        return self.conf["landing"]
+
+    @property
+    def lake(self) -> str:
+        return self.conf["lake"]
+
+    @property
+    def checkpoints(self) -> str:
+        return self.conf["checkpoints"] or f"{self.lake.rstrip('/')}/_checkpoints"
+
+    def table(self, name: str) -> str:
+        """Path of a lake table, e.g. ``table('silver/impressions')``."""
+        return f"{self.lake.rstrip('/')}/{name}"
+
+    def feed_dir(self, feed: str) -> str:
+        return f"{self.landing.rstrip('/')}/{feed}"
+
+    @property
+    def dims_dir(self) -> str:
+        return f"{self.landing.rstrip('/')}/dims/creatives"
+
+
+def load_conf(path: str | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read ``path`` over the defaults; ``overrides`` are top-level keys from the command line."""
+    user: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"conf file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                user = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"conf file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"conf file {path} must hold a mapping at the top level")
+    conf = _merge(_defaults(), user)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            conf[key] = value
+    _check(conf)
+    return Settings(conf)
+
+
+def pseudonymization_key(settings: Settings) -> bytes:
+    """The HMAC key for user ids, from the environment variable the conf names."""
+    env = settings.conf["privacy"]["pseudonymization_key_env"]
+    value = os.environ.get(env)
+    if not value:
+        raise ConfigError(f"environment variable {env} is not set (the secret key for user_key)")
+    return value.encode("utf-8")
+
+
+def resolve_env_refs(options: dict[str, Any]) -> dict[str, str]:
+    """Replace ``${VAR}`` values by the environment's, so secrets never sit in conf files."""
+    resolved = {}
+    for key, value in options.items():
+        text = str(value)
+        match = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)
+        if match:
+            env_value = os.environ.get(match.group(1))
+            if env_value is None:
+                raise ConfigError(f"environment variable {match.group(1)} is not set (conf key 'kafka.options.{key}')")
+            text = env_value
+        resolved[key] = text
+    return resolved

@@ -1,0 +1,246 @@
+"""The ingestion pipeline: one streaming query per feed, each micro-batch through bronze and silver.
+
+A micro-batch of a feed is written four times, each write idempotent for (query id, batch id):
+bronze (append), quarantine (append), silver (insert of ids not yet present), ops/metrics
+(append). A batch replayed after a crash therefore changes nothing that was already committed.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from delta.tables import DeltaTable
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery
+
+from advertisex import bronze, lake, monitoring, parsing, silver, sources
+from advertisex.config import Settings, pseudonymization_key
+from advertisex.silver import Privacy
+from advertisex.validation import filter_valid, to_quarantine, with_rule_violations
+
+log = logging.getLogger("advertisex")
+
+SilverBuilder = Callable[[DataFrame, Privacy], DataFrame]
+
+
+@dataclass(frozen=True)
+class FeedSpec:
+    feed: str
+    silver_tables: dict[str, SilverBuilder]
+    raw_text: str = "raw"  # the column quarantined as ``raw``
+
+
+FEEDS = {
+    "impressions": FeedSpec("impressions", {"impressions": silver.to_silver_impressions}),
+    "clicks_conversions": FeedSpec(
+        "clicks_conversions",
+        {"clicks": silver.to_silver_clicks, "conversions": silver.to_silver_conversions},
+    ),
+    "bid_requests": FeedSpec("bid_requests", {"bid_requests": silver.to_silver_bid_requests}, raw_text="_raw_text"),
+}
+
+
+def privacy_from(settings: Settings) -> Privacy:
+    denylist = settings.conf["ivt"]["denylist"]
+    return Privacy(
+        key=pseudonymization_key(settings),
+        denylisted_users=tuple(str(u) for u in denylist["user_ids"] or ()),
+        denylisted_ips=tuple(str(ip) for ip in denylist["ips"] or ()),
+    )
+
+
+def read_dim(spark: SparkSession, settings: Settings) -> DataFrame:
+    path = settings.table("silver/dim_creatives")
+    if DeltaTable.isDeltaTable(spark, path):
+        return spark.read.format("delta").load(path)
+    return spark.createDataFrame([], parsing.ddl_schema("dim_creatives.ddl"))
+
+
+def stage(feed: str, raw: DataFrame, dim: DataFrame, settings: Settings) -> DataFrame:
+    """Parse and validate one micro-batch of a feed: every record with its ``reasons``."""
+    validation = settings.conf["validation"]
+    if feed == "impressions":
+        parsed = raw.transform(parsing.parse_impressions).transform(silver.with_creative_dimension, dim)
+    elif feed == "clicks_conversions":
+        parsed = (
+            raw.transform(parsing.filter_csv_headers)
+            .transform(parsing.parse_clicks_conversions, validation["conversion_types"])
+            .transform(silver.with_campaign_advertiser, dim)
+        )
+    else:
+        parsed = raw.transform(parsing.parse_bid_requests)
+    return parsed.transform(
+        with_rule_violations,
+        validation["rules"][feed],
+        validation["min_event_time"],
+        validation["max_future_skew"],
+    )
+
+
+class FeedBatchWriter:
+    """The foreachBatch handler of one feed's query."""
+
+    def __init__(self, spark: SparkSession, settings: Settings, spec: FeedSpec, query_name: str, privacy: Privacy):
+        self.spark = spark
+        self.settings = settings
+        self.spec = spec
+        self.query_name = query_name
+        self.privacy = privacy
+        self._query_id: str | None = None
+
+    def query_id(self) -> str:
+        """The query's id, kept in its checkpoint: stable across restarts, new for a new checkpoint."""
+        if self._query_id is None:
+            for query in self.spark.streams.active:
+                if query.name == self.query_name:
+                    self._query_id = str(query.id)
+        if self._query_id is None:
+            raise RuntimeError(f"query {self.query_name} is not active")
+        return self._query_id
+
+    def _raw_batch(self, batch_df: DataFrame, salvage: bool) -> DataFrame:
+        if self.spec.feed != "bid_requests":
+            return sources.with_arrival_order(batch_df)
+        # The listing stream gives file names only; a batch holds at most max_files_per_trigger.
+        paths = [row.path for row in batch_df.select("path").collect()]
+        if not paths:
+            return sources.empty_avro_batch(batch_df.sparkSession)
+        read = sources.salvage_avro_files if salvage else sources.read_avro_files
+        return read(batch_df.sparkSession, paths)
+
+    def _staged(self, batch_df: DataFrame, ingested_at: dt.datetime, salvage: bool):
+        spark = batch_df.sparkSession
+        raw = self._raw_batch(batch_df, salvage)
+        staged = (
+            stage(self.spec.feed, bronze.with_ingestion(raw, ingested_at), read_dim(spark, self.settings), self.settings)
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        rules = list(self.settings.conf["validation"]["rules"][self.spec.feed])
+        return staged, monitoring.count_staged(staged, rules)
+
+    def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
+        started = time.monotonic()
+        started_at = dt.datetime.now(dt.timezone.utc)
+        feed = self.spec.feed
+        qid = self.query_id()
+        try:
+            staged, counts = self._staged(batch_df, started_at, salvage=False)
+        except Exception as exc:
+            if feed != "bid_requests":
+                raise
+            log.warning("%s batch %d: a file is not readable Avro (%s); decoding record by record",
+                        feed, batch_id, str(exc).splitlines()[0][:200])
+            staged, counts = self._staged(batch_df, started_at, salvage=True)
+        account = monitoring.BatchAccount(feed, batch_id, counts[0], counts[1], counts[2])
+        try:
+            self._write(staged, account, qid, batch_id)
+        finally:
+            staged.unpersist()
+        seconds = time.monotonic() - started
+        lake.append_once(
+            monitoring.metrics_frame(batch_df.sparkSession, account, self.query_name, qid, started_at, int(seconds * 1000)),
+            self.settings.table("ops/metrics"), f"{qid}:ops/metrics", batch_id,
+        )
+        log.info(monitoring.status_line(account, seconds))
+
+    def _write(self, staged: DataFrame, account: monitoring.BatchAccount, qid: str, batch_id: int) -> None:
+        feed, table = self.spec.feed, self.settings.table
+        lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze", batch_id,
+                         bronze.BRONZE_PARTITIONS)
+        if account.rows_quarantined:
+            lake.append_once(to_quarantine(staged, self.spec.raw_text), table(f"quarantine/{feed}"),
+                             f"{qid}:quarantine", batch_id)
+        valid = filter_valid(staged)
+        batch_tag = f"{qid}:{batch_id}"
+        for name, build in self.spec.silver_tables.items():
+            rows = build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag))
+            path = table(f"silver/{name}")
+            inserted = lake.insert_new_rows(rows, path, silver.SILVER_KEYS[name], f"{qid}:silver/{name}",
+                                            batch_id, silver.PARTITIONS[name])
+            if inserted is None:  # a replay: this batch's rows were committed before the crash
+                inserted = staged.sparkSession.read.format("delta").load(path).filter(
+                    F.col("ingest_batch") == batch_tag).count()
+            account.silver_by_table[name] = inserted
+
+
+class DimCreativesWriter:
+    """foreachBatch handler of the creatives dimension: upsert by creative_id."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
+        spark = batch_df.sparkSession
+        path = self.settings.table("silver/dim_creatives")
+        rows = silver.to_dim_creatives(batch_df)
+        lake.ensure_table(spark, rows, path)
+        with lake.delta_transaction(spark, "dim_creatives", batch_id):
+            (
+                DeltaTable.forPath(spark, path).alias("t")
+                .merge(rows.alias("s"), "t.creative_id = s.creative_id")
+                .whenMatchedUpdateAll()
+                .whenNotMatchedInsertAll()
+                .execute()
+            )
+        log.info("dim_creatives batch %d: merged", batch_id)
+
+
+def _start(df: DataFrame, name: str, handler, checkpoint: str, settings: Settings, available_now: bool) -> StreamingQuery:
+    writer = df.writeStream.queryName(name).option("checkpointLocation", checkpoint).foreachBatch(handler)
+    if available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=settings.conf["streaming"]["trigger_interval"])
+    return writer.start()
+
+
+def start_file_queries(spark: SparkSession, settings: Settings, available_now: bool) -> list[StreamingQuery]:
+    """Load the dimension first (so impressions can be checked against it), then start every feed."""
+    sources.check_landing(settings)
+    privacy = privacy_from(settings)
+    checkpoints = settings.checkpoints.rstrip("/")
+    # Tables several queries write to must exist before they start, or the first commits race.
+    lake.ensure_table(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
+    dim_query = _start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
+                       DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, available_now=True)
+    dim_query.awaitTermination()
+    queries = []
+    try:
+        if not available_now:
+            queries.append(_start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
+                                  DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, False))
+        for feed, spec in FEEDS.items():
+            name = f"advx_{feed}"
+            if feed == "bid_requests":
+                stream = sources.read_avro_file_listing(spark, settings)
+            else:
+                stream = sources.read_text_feed(spark, settings, feed)
+            handler = FeedBatchWriter(spark, settings, spec, name, privacy)
+            queries.append(_start(stream, name, handler, f"{checkpoints}/{feed}", settings, available_now))
+    except Exception:
+        for query in queries:
+            query.stop()
+        raise
+    return queries
+
+
+def run(spark: SparkSession, settings: Settings, available_now: bool) -> None:
+    queries = start_file_queries(spark, settings, available_now)
+    try:
+        if available_now:
+            for query in queries:
+                query.awaitTermination()
+        else:
+            spark.streams.awaitAnyTermination()
+    finally:
+        for query in queries:
+            if query.isActive:
+                query.stop()
+    failed = [q.name for q in queries if q.exception() is not None]
+    if failed:
+        raise RuntimeError(f"streaming queries failed: {', '.join(failed)}")

@@ -1,0 +1,57 @@
+"""SparkSession factory: one place that decides how Spark, Delta and the state store are set up."""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from advertisex.config import Settings
+
+STATE_STORE_PROVIDERS = {
+    "hdfs": "org.apache.spark.sql.execution.streaming.state.HDFSBackedStateStoreProvider",
+    "rocksdb": "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider",
+}
+
+
+def project_jars() -> list[str]:
+    """Jars fetched by scripts/setup.sh, for sessions started outside spark-submit (tests, notebooks)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    jar_dir = os.environ.get("ADVX_JARS_DIR", os.path.join(here, ".jars"))
+    return sorted(glob.glob(os.path.join(jar_dir, "*.jar")))
+
+
+def build_session(settings: Settings, app_name: str | None = None) -> SparkSession:
+    """Create (or reuse) the SparkSession for a job, configured for Delta and this environment."""
+    spark_conf = settings.conf["spark"]
+    # Python workers must run the interpreter that has this project's packages (pyarrow, iptocc...).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name or spark_conf["app_name"])
+    if spark_conf["master"]:
+        builder = builder.master(spark_conf["master"])
+    options = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": str(spark_conf["shuffle_partitions"]),
+        "spark.sql.streaming.stateStore.providerClass": STATE_STORE_PROVIDERS[spark_conf["state_store_provider"]],
+        "spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled": "true",
+        # Delta rebuilds its snapshot with this many tasks; 50 is sized for clusters.
+        "spark.databricks.delta.snapshotPartitions": str(max(2, spark_conf["shuffle_partitions"])),
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+    }
+    log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
+    if os.path.isfile(log4j) and not os.environ.get("ADVX_SUBMITTED"):
+        options["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{log4j}"
+    # Under spark-submit the wrapper already passes --jars; a plain python process needs them here.
+    jars = project_jars()
+    if jars and not os.environ.get("ADVX_SUBMITTED"):
+        options["spark.jars"] = ",".join(jars)
+    options.update({key: str(value) for key, value in spark_conf["extra"].items()})
+    for key, value in options.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(spark_conf["log_level"])
+    return spark

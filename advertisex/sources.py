@@ -1,0 +1,167 @@
+"""Streaming sources: file drops (and, for bid requests, the Avro container files they name).
+
+Text feeds are read line by line as ``raw`` so that bronze and quarantine keep the record exactly
+as it arrived. Bid-request files are Avro containers: the stream lists new files and each
+micro-batch decodes them with spark-avro, falling back to a per-record salvage in Python only
+when a file is corrupt, so a bad file never stops the stream and its good records still land.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.avro.functions import from_avro, to_avro
+
+from advertisex.config import ConfigError, Settings
+from advertisex.parsing import bid_request_avro_schema, bid_request_struct, ddl_schema
+
+# A corrupt Avro file is quarantined with at most this much of its undecodable bytes.
+MAX_QUARANTINED_BYTES = 64 * 1024
+
+
+def check_landing(settings: Settings) -> None:
+    """One-line error for a missing landing directory, before any query starts."""
+    local = "://" not in settings.landing or settings.landing.startswith("file:")
+    if not local:
+        return
+    root = settings.landing.removeprefix("file:")
+    if not os.path.isdir(root):
+        raise ConfigError(f"landing directory not found: {settings.landing}")
+    for sub in ("impressions", "clicks_conversions", "bid_requests", "dims/creatives"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+
+
+def _order(position, file_time="_metadata.file_modification_time", file="_metadata.file_path") -> F.Column:
+    """Arrival order within a micro-batch: file time, file, then position in the file."""
+    return F.struct(
+        F.col(file_time).alias("file_time"),
+        F.col(file).alias("file"),
+        position.alias("position"),
+    )
+
+
+def with_arrival_order(batch: DataFrame) -> DataFrame:
+    """``_order`` for a micro-batch of a text feed (streams cannot number rows, batches can)."""
+    return batch.withColumn("_order", _order(F.monotonically_increasing_id(), "file_time", "source")).drop("file_time")
+
+
+def read_text_feed(spark: SparkSession, settings: Settings, feed: str) -> DataFrame:
+    """A stream of the lines of ``<landing>/<feed>/`` files (gzip or plain), one record per line."""
+    return (
+        spark.readStream.format("text")
+        .schema("value STRING")
+        .option("maxFilesPerTrigger", settings.conf["files"]["max_files_per_trigger"])
+        .load(settings.feed_dir(feed))
+        .select(
+            F.col("value").alias("raw"),
+            F.col("_metadata.file_path").alias("source"),
+            F.col("_metadata.file_modification_time").alias("file_time"),
+        )
+    )
+
+
+def read_avro_file_listing(spark: SparkSession, settings: Settings) -> DataFrame:
+    """A stream of the names of new bid-request container files; contents are read per batch."""
+    return (
+        spark.readStream.format("binaryFile")
+        .schema("path STRING, modificationTime TIMESTAMP, length BIGINT, content BINARY")
+        .option("pathGlobFilter", "*.avro")
+        .option("maxFilesPerTrigger", settings.conf["files"]["max_files_per_trigger"])
+        .load(settings.feed_dir("bid_requests"))
+        .select("path", "modificationTime")
+    )
+
+
+def read_dim_creatives(spark: SparkSession, settings: Settings) -> DataFrame:
+    return (
+        spark.readStream.format("csv")
+        .option("header", "true")
+        .option("mode", "PERMISSIVE")
+        .schema(ddl_schema("dim_creatives.ddl"))
+        .load(settings.dims_dir)
+    )
+
+
+def read_avro_files(spark: SparkSession, paths: list[str]) -> DataFrame:
+    """Records of the given Avro container files: ``record`` (decoded), ``raw`` (its Avro body), source."""
+    schema = bid_request_struct()
+    return (
+        spark.read.format("avro")
+        .option("avroSchema", bid_request_avro_schema())
+        .load(paths)
+        .select(
+            F.struct(*[F.col(f.name) for f in schema.fields]).alias("record"),
+            F.col("_metadata.file_path").alias("source"),
+            _order(F.monotonically_increasing_id()).alias("_order"),
+        )
+        .withColumn("raw", to_avro(F.col("record"), bid_request_avro_schema()))
+    )
+
+
+def empty_avro_batch(spark: SparkSession) -> DataFrame:
+    schema = T.StructType([
+        T.StructField("record", bid_request_struct()),
+        T.StructField("source", T.StringType()),
+        T.StructField("_order", T.StructType([
+            T.StructField("file_time", T.TimestampType()),
+            T.StructField("file", T.StringType()),
+            T.StructField("position", T.LongType()),
+        ])),
+        T.StructField("raw", T.BinaryType()),
+    ])
+    return spark.createDataFrame([], schema)
+
+
+_SALVAGE_SCHEMA = T.StructType([
+    T.StructField("raw", T.BinaryType()),
+    T.StructField("source", T.StringType()),
+    T.StructField("position", T.LongType()),
+    T.StructField("error", T.StringType()),
+])
+
+
+def _salvage_files(batches):
+    """Decode container files record by record; what cannot be decoded becomes one error row."""
+    import fastavro
+
+    schema = fastavro.parse_schema(json.loads(bid_request_avro_schema()))
+    for frame in batches:
+        rows = []
+        for path, content in zip(frame["path"], frame["content"]):
+            stream = io.BytesIO(content)
+            position = 0
+            try:
+                for record in fastavro.reader(stream, reader_schema=schema):
+                    body = io.BytesIO()
+                    fastavro.schemaless_writer(body, schema, record)
+                    rows.append((body.getvalue(), path, position, None))
+                    position += 1
+            except Exception as exc:  # any decoding failure: quarantine the rest of the file
+                tail = content[stream.tell() if position else 0:][:MAX_QUARANTINED_BYTES]
+                rows.append((tail, path, position, f"{type(exc).__name__}: {exc}"[:500]))
+        yield pd.DataFrame(rows, columns=_SALVAGE_SCHEMA.fieldNames())
+
+
+def salvage_avro_files(spark: SparkSession, paths: list[str]) -> DataFrame:
+    """The slow path for a batch with a corrupt file: same columns as ``read_avro_files``.
+
+    Undecodable parts come out with ``record`` NULL and ``raw`` holding the bytes, base64-encoded
+    later for the quarantine.
+    """
+    salvaged = (
+        spark.read.format("binaryFile").load(paths)
+        .select("path", "content", "modificationTime")
+        .mapInPandas(_salvage_files, _SALVAGE_SCHEMA)
+    )
+    record = from_avro(F.col("raw"), bid_request_avro_schema(), {"mode": "PERMISSIVE"})
+    return salvaged.select(
+        F.when(F.col("error").isNull(), record).alias("record"),
+        F.col("source"),
+        F.struct(F.lit(None).cast("timestamp").alias("file_time"), F.col("source").alias("file"), F.col("position")).alias("_order"),
+        F.col("raw"),
+    )
