@@ -36,6 +36,9 @@ def _merge(base: dict, override: dict, path: str = "") -> dict:
     merged = copy.deepcopy(base)
     for key, value in override.items():
         where = f"{path}.{key}" if path else str(key)
+        if path in _RULE_SECTIONS and value is None:
+            merged.pop(key, None)  # a rule set to null is switched off
+            continue
         if path in _OPEN_SECTIONS or path in _RULE_SECTIONS:
             merged[key] = value
             continue

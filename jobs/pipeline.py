@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from advertisex import pipeline
+from advertisex import pipeline, sources
 from advertisex.cli import run_job
 from advertisex.config import ConfigError, load_conf
 from advertisex.session import build_session
@@ -32,7 +32,8 @@ def main(argv: list[str]) -> None:
         raise ConfigError("no landing directory: pass --landing DIR or set 'landing' in the conf")
     if settings.conf["source"] == "kafka":
         raise ConfigError("--source kafka is not available in this build yet; use --source files")
-    pipeline.privacy_from(settings)  # fail on a missing secret before Spark starts
+    pipeline.privacy_from(settings)  # fail on a missing secret or landing directory before Spark starts
+    sources.check_landing(settings)
     spark = build_session(settings, "advertisex-pipeline")
     pipeline.run(spark, settings, available_now=args.available_now)
 

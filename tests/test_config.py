@@ -1,0 +1,58 @@
+"""A bad conf, argument or missing secret stops a job with one line naming what is wrong."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from advertisex.config import ConfigError, load_conf, pseudonymization_key
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _conf(tmp_path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("spark:\n  shufle_partitions: 2\n", "unknown conf key 'spark.shufle_partitions'"),
+    ("source: ftp\n", "conf key 'source' must be 'files' or 'kafka'"),
+    ("spark:\n  shuffle_partitions: 0\n", "conf key 'spark.shuffle_partitions' must be a positive integer"),
+    ("streaming:\n  trigger_interval: soon\n", "conf key 'streaming.trigger_interval' must look like"),
+    ("validation:\n  rules:\n    impressions:\n      malformed_record: null\n", "must define malformed_record"),
+    ("spark: [1\n", "is not valid YAML"),
+])
+def test_bad_conf_names_the_problem(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_conf(_conf(tmp_path, text))
+
+
+def test_missing_secret(monkeypatch):
+    monkeypatch.delenv("ADVX_PSEUDONYMIZATION_KEY", raising=False)
+    with pytest.raises(ConfigError, match="ADVX_PSEUDONYMIZATION_KEY is not set"):
+        pseudonymization_key(load_conf(None))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--landing", "/nonexistent/landing", "--lake", "/tmp/x"], "landing directory not found: /nonexistent/landing"),
+    (["--lake", "/tmp/x", "--conf-typo"], "unrecognized arguments: --conf-typo"),
+])
+def test_pipeline_job_one_line_errors(args, message):
+    env = dict(os.environ, ADVX_PSEUDONYMIZATION_KEY="k")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", "pipeline.py"), "--conf", os.path.join(ROOT, "conf", "test.yaml"), *args],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_rules_merge_by_name(tmp_path):
+    conf = load_conf(_conf(tmp_path, "validation:\n  rules:\n    impressions:\n      negative_amount: null\n"
+                                     "      big_cost: 'cost > 100'\n")).conf
+    rules = conf["validation"]["rules"]["impressions"]
+    assert list(rules) == ["malformed_record", "missing_required_field", "invalid_timestamp", "unknown_creative", "big_cost"]
