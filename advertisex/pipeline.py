@@ -110,7 +110,7 @@ class FeedBatchWriter:
         paths = [row.path for row in batch_df.select("path").collect()]
         if not paths:
             return sources.empty_avro_batch(batch_df.sparkSession)
-        read = sources.salvage_avro_files if salvage else sources.read_avro_files
+        read = sources.read_avro_files_isolating_corrupt if salvage else sources.read_avro_files
         return read(batch_df.sparkSession, paths)
 
     def _staged(self, batch_df: DataFrame, ingested_at: dt.datetime, salvage: bool):
@@ -133,7 +133,7 @@ class FeedBatchWriter:
         except Exception as exc:
             if feed != "bid_requests":
                 raise
-            log.warning("%s batch %d: a file is not readable Avro (%s); decoding record by record",
+            log.warning("%s batch %d: a file is not readable Avro (%s); reading file by file",
                         feed, batch_id, str(exc).splitlines()[0][:200])
             staged, counts = self._staged(batch_df, started_at, salvage=True)
         account = monitoring.BatchAccount(feed, batch_id, counts[0], counts[1], counts[2])

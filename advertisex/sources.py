@@ -103,6 +103,27 @@ def read_avro_files(spark: SparkSession, paths: list[str]) -> DataFrame:
     )
 
 
+def read_avro_files_isolating_corrupt(spark: SparkSession, paths: list[str]) -> DataFrame:
+    """Like ``read_avro_files``, after a read of ``paths`` failed: each file is tried on its own,
+    readable ones go through spark-avro and only the corrupt ones through the Python salvage."""
+    readable, corrupt = [], []
+    for path in paths:
+        try:
+            spark.read.format("avro").option("avroSchema", bid_request_avro_schema()).load(path).agg(F.count(F.lit(1))).collect()
+            readable.append(path)
+        except Exception:  # noqa: BLE001 - whatever the reader raises, the file goes to the salvage
+            corrupt.append(path)
+    parts = []
+    if readable:
+        parts.append(read_avro_files(spark, readable))
+    if corrupt:
+        parts.append(salvage_avro_files(spark, corrupt))
+    batch = parts[0]
+    for part in parts[1:]:
+        batch = batch.unionByName(part)
+    return batch
+
+
 def empty_avro_batch(spark: SparkSession) -> DataFrame:
     schema = T.StructType([
         T.StructField("record", bid_request_struct()),
