@@ -143,6 +143,7 @@ _SALVAGE_SCHEMA = T.StructType([
     T.StructField("source", T.StringType()),
     T.StructField("position", T.LongType()),
     T.StructField("error", T.StringType()),
+    T.StructField("file_time", T.TimestampType()),
 ])
 
 
@@ -153,18 +154,18 @@ def _salvage_files(batches):
     schema = fastavro.parse_schema(json.loads(bid_request_avro_schema()))
     for frame in batches:
         rows = []
-        for path, content in zip(frame["path"], frame["content"]):
+        for path, content, file_time in zip(frame["path"], frame["content"], frame["modificationTime"], strict=True):
             stream = io.BytesIO(content)
             position = 0
             try:
                 for record in fastavro.reader(stream, reader_schema=schema):
                     body = io.BytesIO()
                     fastavro.schemaless_writer(body, schema, record)
-                    rows.append((body.getvalue(), path, position, None))
+                    rows.append((body.getvalue(), path, position, None, file_time))
                     position += 1
             except Exception as exc:  # any decoding failure: quarantine the rest of the file
                 tail = content[stream.tell() if position else 0:][:MAX_QUARANTINED_BYTES]
-                rows.append((tail, path, position, f"{type(exc).__name__}: {exc}"[:500]))
+                rows.append((tail, path, position, f"{type(exc).__name__}: {exc}"[:500], file_time))
         yield pd.DataFrame(rows, columns=_SALVAGE_SCHEMA.fieldNames())
 
 
@@ -183,6 +184,6 @@ def salvage_avro_files(spark: SparkSession, paths: list[str]) -> DataFrame:
     return salvaged.select(
         F.when(F.col("error").isNull(), record).alias("record"),
         F.col("source"),
-        F.struct(F.lit(None).cast("timestamp").alias("file_time"), F.col("source").alias("file"), F.col("position")).alias("_order"),
+        _order(F.col("position"), file_time="file_time", file="source").alias("_order"),
         F.col("raw"),
     )

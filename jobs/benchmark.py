@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     events = sum(manifest["input_records"].values())
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(landing) for f in files)
 
-    for sub in ("ceiling", "lake"):
+    for sub in ("ceiling-warmup", "ceiling", "lake"):
         shutil.rmtree(os.path.join(args.work, sub), ignore_errors=True)
     settings = load_conf(args.conf, {"landing": landing, "lake": os.path.join(args.work, "lake")})
     spark = build_session(settings, "advertisex-benchmark")
