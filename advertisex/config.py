@@ -135,17 +135,3 @@ def pseudonymization_key(settings: Settings) -> bytes:
         raise ConfigError(f"environment variable {env} is not set (the secret key for user_key)")
     return value.encode("utf-8")
 
-
-def resolve_env_refs(options: dict[str, Any]) -> dict[str, str]:
-    """Replace ``${VAR}`` values by the environment's, so secrets never sit in conf files."""
-    resolved = {}
-    for key, value in options.items():
-        text = str(value)
-        match = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)
-        if match:
-            env_value = os.environ.get(match.group(1))
-            if env_value is None:
-                raise ConfigError(f"environment variable {match.group(1)} is not set (conf key 'kafka.options.{key}')")
-            text = env_value
-        resolved[key] = text
-    return resolved
