@@ -121,7 +121,11 @@ class FeedBatchWriter:
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
         rules = list(self.settings.conf["validation"]["rules"][self.spec.feed])
-        return staged, monitoring.count_staged(staged, rules)
+        try:
+            return staged, monitoring.count_staged(staged, rules)
+        except Exception:
+            staged.unpersist()  # the caller may retry the batch another way; drop this attempt's cache
+            raise
 
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         started = time.monotonic()

@@ -7,6 +7,7 @@ when a file is corrupt, so a bad file never stops the stream and its good record
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -118,10 +119,7 @@ def read_avro_files_isolating_corrupt(spark: SparkSession, paths: list[str]) -> 
         parts.append(read_avro_files(spark, readable))
     if corrupt:
         parts.append(salvage_avro_files(spark, corrupt))
-    batch = parts[0]
-    for part in parts[1:]:
-        batch = batch.unionByName(part)
-    return batch
+    return functools.reduce(DataFrame.unionByName, parts)
 
 
 def empty_avro_batch(spark: SparkSession) -> DataFrame:

@@ -32,6 +32,10 @@ def spark(tmp_path_factory):
     session.stop()
 
 
+def read_table(spark, settings: Settings, table: str):
+    return spark.read.format("delta").load(settings.table(table))
+
+
 def run_pipeline(spark, settings: Settings) -> None:
     pipeline.run(spark, settings, available_now=True)
 

@@ -5,22 +5,18 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from advertisex.generator import Generator
-from conftest import GENERATED, run_pipeline
+from conftest import GENERATED, read_table, run_pipeline
 
 SILVER_OF = {"impressions": ["impressions"], "clicks_conversions": ["clicks", "conversions"], "bid_requests": ["bid_requests"]}
-
-
-def _read(spark, settings, table):
-    return spark.read.format("delta").load(settings.table(table))
 
 
 def test_silver_quarantine_and_duplicates_match_the_manifest(spark, generated_lake):
     settings, manifest = generated_lake
     rows = []
     for feed, tables in SILVER_OF.items():
-        silver = sum(_read(spark, settings, f"silver/{t}").count() for t in tables)
-        quarantined = _read(spark, settings, f"quarantine/{feed}").count()
-        bronze = _read(spark, settings, f"bronze/{feed}").count()
+        silver = sum(read_table(spark, settings, f"silver/{t}").count() for t in tables)
+        quarantined = read_table(spark, settings, f"quarantine/{feed}").count()
+        bronze = read_table(spark, settings, f"bronze/{feed}").count()
         rows.append((feed, bronze, silver, quarantined))
     actual = spark.createDataFrame(rows, "feed string, input long, silver long, quarantined long")
     expected = spark.createDataFrame([
@@ -29,7 +25,7 @@ def test_silver_quarantine_and_duplicates_match_the_manifest(spark, generated_la
     ], actual.schema)
     assert_df_equality(actual, expected, ignore_row_order=True)
 
-    duplicates = _read(spark, settings, "ops/metrics").groupBy("feed").agg(
+    duplicates = read_table(spark, settings, "ops/metrics").groupBy("feed").agg(
         F.sum("duplicates_dropped").cast("long").alias("duplicates"),
         F.sum("rows_in").cast("long").alias("rows_in"),
     )
@@ -41,7 +37,7 @@ def test_silver_quarantine_and_duplicates_match_the_manifest(spark, generated_la
 def test_quarantine_reasons_match_the_manifest(spark, generated_lake):
     settings, manifest = generated_lake
     frames = [
-        _read(spark, settings, f"quarantine/{feed}").select(F.lit(feed).alias("feed"), F.explode("reasons").alias("rule"))
+        read_table(spark, settings, f"quarantine/{feed}").select(F.lit(feed).alias("feed"), F.explode("reasons").alias("rule"))
         for feed in SILVER_OF
     ]
     actual = frames[0].unionByName(frames[1]).unionByName(frames[2]).groupBy("feed", "rule").count()
@@ -54,7 +50,7 @@ def test_quarantine_reasons_match_the_manifest(spark, generated_lake):
 def test_ivt_matches_the_manifest(spark, generated_lake):
     settings, manifest = generated_lake
     actual = spark.createDataFrame([
-        (table, _read(spark, settings, f"silver/{table}").filter("is_ivt AND ivt_reason = 'bot_user_agent'").count())
+        (table, read_table(spark, settings, f"silver/{table}").filter("is_ivt AND ivt_reason = 'bot_user_agent'").count())
         for table in ("impressions", "bid_requests")
     ], "table string, ivt long")
     expected = spark.createDataFrame([(t, manifest.ivt[t]) for t in ("impressions", "bid_requests")], actual.schema)
@@ -67,7 +63,7 @@ def test_no_raw_user_id_or_full_ip_in_silver(spark, generated_lake):
     secrets = spark.createDataFrame(
         [(u,) for u, _, _ in world.users] + [(ip,) for _, ip, _ in world.users] + [("u-bad",)], "secret string")
     for table in ("impressions", "clicks", "conversions", "bid_requests"):
-        df = _read(spark, settings, f"silver/{table}")
+        df = read_table(spark, settings, f"silver/{table}")
         text = F.concat_ws("|", *[F.col(f.name).cast("string") for f in df.schema.fields])
         leaks = df.select(text.alias("row")).join(secrets, F.col("row").contains(F.col("secret")), how="inner")
         assert leaks.count() == 0, f"silver/{table} holds a raw user id or a full IP"
@@ -77,7 +73,7 @@ def test_rerun_changes_nothing(spark, generated_lake):
     """A second run over the same drops and checkpoints finds nothing new and writes nothing."""
     settings, _ = generated_lake
     tables = [f"silver/{t}" for t in ("impressions", "clicks", "conversions", "bid_requests")] + ["ops/metrics"]
-    before = {t: _read(spark, settings, t).count() for t in tables}
+    before = {t: read_table(spark, settings, t).count() for t in tables}
     run_pipeline(spark, settings)
-    after = {t: _read(spark, settings, t).count() for t in tables}
+    after = {t: read_table(spark, settings, t).count() for t in tables}
     assert after == before

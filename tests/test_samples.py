@@ -8,11 +8,7 @@ import hmac
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
-from conftest import TEST_KEY
-
-
-def _read(spark, settings, table):
-    return spark.read.format("delta").load(settings.table(table))
+from conftest import TEST_KEY, read_table
 
 
 def _key(user_id: str) -> str:
@@ -20,7 +16,7 @@ def _key(user_id: str) -> str:
 
 
 def test_impressions(spark, samples_lake):
-    actual = _read(spark, samples_lake, "silver/impressions").select(
+    actual = read_table(spark, samples_lake, "silver/impressions").select(
         "impression_id", "event_time", "campaign_id", "advertiser_id", "website", "user_key", "ip_truncated",
         "device_type", "is_ivt", "ivt_reason")
     expected = spark.createDataFrame([
@@ -35,12 +31,12 @@ def test_impressions(spark, samples_lake):
 
 
 def test_clicks_and_conversions(spark, samples_lake):
-    clicks = _read(spark, samples_lake, "silver/clicks").select("event_id", "campaign_id", "impression_id", "is_ivt")
+    clicks = read_table(spark, samples_lake, "silver/clicks").select("event_id", "campaign_id", "impression_id", "is_ivt")
     expected_clicks = spark.createDataFrame(
         [("clk-000001", "cmp-0001", "imp-000001", False), ("clk-000002", "cmp-0002", None, False)], clicks.schema)
     assert_df_equality(clicks, expected_clicks, ignore_row_order=True, ignore_nullable=True)
 
-    conversions = _read(spark, samples_lake, "silver/conversions").select(
+    conversions = read_table(spark, samples_lake, "silver/conversions").select(
         "event_id", "event_time", "conversion_type", F.col("conversion_value").cast("string").alias("value"))
     expected_conversions = spark.createDataFrame([
         ("cnv-000001", dt.datetime(2026, 11, 20, 12, 2, 9, 500000), "purchase", "49.900000"),
@@ -50,7 +46,7 @@ def test_clicks_and_conversions(spark, samples_lake):
 
 
 def test_bid_requests(spark, samples_lake):
-    actual = _read(spark, samples_lake, "silver/bid_requests").select(
+    actual = read_table(spark, samples_lake, "silver/bid_requests").select(
         "auction_id", "has_bid", "bid_campaign_id", "country", "website")
     expected = spark.createDataFrame([
         ("auc-000001", True, "cmp-0001", "US", "news-daily.example.com"),
@@ -62,7 +58,7 @@ def test_bid_requests(spark, samples_lake):
 
 def test_quarantine(spark, samples_lake):
     frames = [
-        _read(spark, samples_lake, f"quarantine/{feed}").select(
+        read_table(spark, samples_lake, f"quarantine/{feed}").select(
             F.lit(feed).alias("feed"), F.regexp_extract("raw", r"(imp|clk|cnv)-[0-9]+", 0).alias("id"), "reasons")
         for feed in ("impressions", "clicks_conversions")
     ]
@@ -79,7 +75,7 @@ def test_quarantine(spark, samples_lake):
 
 def test_accounting_per_feed(spark, samples_lake):
     metrics = (
-        _read(spark, samples_lake, "ops/metrics").groupBy("feed")
+        read_table(spark, samples_lake, "ops/metrics").groupBy("feed")
         .agg(*[F.sum(c).alias(c) for c in ("rows_in", "rows_silver", "rows_quarantined", "duplicates_dropped")])
     )
     expected = spark.createDataFrame([
