@@ -111,10 +111,16 @@ def _user_agent_details(user_agents: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=UA_DETAILS.fieldNames())
 
 
-def with_user_agent_details(df: DataFrame, column: str = "user_agent") -> DataFrame:
-    """Add device_type, browser, os and is_bot, parsing each distinct user agent once."""
+def with_user_agent_details(df: DataFrame, column: str = "user_agent", agents: DataFrame | None = None) -> DataFrame:
+    """Add device_type, browser, os and is_bot, parsing each distinct user agent once.
+
+    The distinct agents come from ``agents`` when given (any frame with ``column`` whose values
+    cover ``df``'s), else from ``df``. Passing the cached micro-batch spares recomputing
+    everything upstream of ``df`` just to list its agents.
+    """
+    agents = df if agents is None else agents
     distinct = (
-        df.select(F.col(column).alias("_ua")).filter(F.col("_ua").isNotNull()).distinct()
+        agents.select(F.col(column).alias("_ua")).filter(F.col("_ua").isNotNull()).distinct()
         .withColumn("_ua_details", _user_agent_details(F.col("_ua")))
     )
     joined = df.join(F.broadcast(distinct), on=df[column] == distinct["_ua"], how="left")

@@ -174,6 +174,13 @@ def parse_bid_requests(df: DataFrame) -> DataFrame:
         .withColumn("bid_campaign_id", F.col(f"{r}.bid.campaign_id"))
         .withColumn("bid_creative_id", F.col(f"{r}.bid.creative_id"))
         .withColumn("bid_price", F.col(f"{r}.bid.bid_price").cast(MONEY))
-        .withColumn("_raw_text", F.when(F.col(r).isNotNull(), F.to_json(F.col(r))).otherwise(F.base64(F.col("raw"))))
-        .drop(r)
     )
+
+
+def bid_request_raw_text() -> Column:
+    """A bid request as quarantine text: its JSON when decodable, else its bytes in base64.
+
+    An expression for the quarantine write rather than a parsed column, so that it is computed
+    for the few quarantined records only.
+    """
+    return F.when(F.col("record").isNotNull(), F.to_json(F.col("record"))).otherwise(F.base64(F.col("raw")))

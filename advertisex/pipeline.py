@@ -14,7 +14,7 @@ from typing import Callable
 
 from delta.tables import DeltaTable
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
@@ -32,7 +32,7 @@ SilverBuilder = Callable[[DataFrame, Privacy], DataFrame]
 class FeedSpec:
     feed: str
     silver_tables: dict[str, SilverBuilder]
-    raw_text: str = "raw"  # the column quarantined as ``raw``
+    raw_text: Callable[[], Column] = lambda: F.col("raw")  # what the quarantine keeps as ``raw``
 
 
 FEEDS = {
@@ -41,7 +41,9 @@ FEEDS = {
         "clicks_conversions",
         {"clicks": silver.to_silver_clicks, "conversions": silver.to_silver_conversions},
     ),
-    "bid_requests": FeedSpec("bid_requests", {"bid_requests": silver.to_silver_bid_requests}, raw_text="_raw_text"),
+    "bid_requests": FeedSpec(
+        "bid_requests", {"bid_requests": silver.to_silver_bid_requests}, raw_text=parsing.bid_request_raw_text,
+    ),
 }
 
 
@@ -157,7 +159,7 @@ class FeedBatchWriter:
         lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze", batch_id,
                          bronze.BRONZE_PARTITIONS)
         if account.rows_quarantined:
-            lake.append_once(to_quarantine(staged, self.spec.raw_text), table(f"quarantine/{feed}"),
+            lake.append_once(to_quarantine(staged, self.spec.raw_text()), table(f"quarantine/{feed}"),
                              f"{qid}:quarantine", batch_id)
         valid = filter_valid(staged)
         batch_tag = f"{qid}:{batch_id}"
