@@ -84,6 +84,12 @@ def stage(feed: str, raw: DataFrame, dim: DataFrame, settings: Settings) -> Data
     )
 
 
+def _is_unreadable_file(exc: Exception) -> bool:
+    # Spark wraps every failure of a file reader in this error class; "Avro" alone would also
+    # match an out-of-memory trace that passes through the Avro reader.
+    return "FAILED_READ_FILE" in str(exc)
+
+
 class FeedBatchWriter:
     """The foreachBatch handler of one feed's query."""
 
@@ -137,7 +143,9 @@ class FeedBatchWriter:
         try:
             staged, counts = self._staged(batch_df, started_at, salvage=False)
         except Exception as exc:
-            if feed != "bid_requests":
+            # Only a file that cannot be read is worth a second, file-by-file attempt; anything
+            # else (memory, a lost executor) fails the batch as it would for any feed.
+            if feed != "bid_requests" or not _is_unreadable_file(exc):
                 raise
             log.warning("%s batch %d: a file is not readable Avro (%s); reading file by file",
                         feed, batch_id, str(exc).splitlines()[0][:200])

@@ -49,6 +49,8 @@ def build_session(settings: Settings, app_name: str | None = None) -> SparkSessi
     jars = project_jars()
     if jars and not os.environ.get("ADVX_SUBMITTED"):
         options["spark.jars"] = ",".join(jars)
+    if spark_conf["driver_memory"]:
+        options["spark.driver.memory"] = str(spark_conf["driver_memory"])
     options.update({key: str(value) for key, value in spark_conf["extra"].items()})
     for key, value in options.items():
         builder = builder.config(key, value)
