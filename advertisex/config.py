@@ -6,6 +6,7 @@ job with a one-line message, before Spark starts.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import os
 import pkgutil
 import re
@@ -21,6 +22,16 @@ FEEDS = ("impressions", "clicks_conversions", "bid_requests")
 _OPEN_SECTIONS = {"spark.extra", "kafka.options"}
 _RULE_SECTIONS = {f"validation.rules.{feed}" for feed in FEEDS}
 _INTERVAL = re.compile(r"^\d+\s+(second|minute|hour|day)s?$")
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def parse_interval(text: str) -> dt.timedelta:
+    """'30 minutes' -> timedelta; the interval strings conf uses (and Spark's INTERVAL accepts)."""
+    match = _INTERVAL.match(str(text).strip())
+    if not match:
+        raise ConfigError(f"not an interval like '10 seconds': {text!r}")
+    number = int(str(text).split()[0])
+    return dt.timedelta(seconds=number * _UNIT_SECONDS[match.group(1)])
 
 
 class ConfigError(ValueError):
@@ -58,15 +69,19 @@ def _check(conf: dict) -> None:
         raise ConfigError(f"conf key 'source' must be 'files' or 'kafka', got {conf['source']!r}")
     if conf["spark"]["state_store_provider"] not in ("hdfs", "rocksdb"):
         raise ConfigError("conf key 'spark.state_store_provider' must be 'hdfs' or 'rocksdb'")
-    for key in ("spark.shuffle_partitions", "files.max_files_per_trigger", "kafka.max_offsets_per_trigger"):
+    for key in ("spark.shuffle_partitions", "files.max_files_per_trigger", "kafka.max_offsets_per_trigger",
+                "correlation.max_files_per_trigger"):
         section, name = key.split(".")
         value = conf[section][name]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"conf key '{key}' must be a positive integer, got {value!r}")
-    for key in ("streaming.trigger_interval", "validation.max_future_skew"):
-        section, name = key.split(".")
-        if not _INTERVAL.match(str(conf[section][name])):
-            raise ConfigError(f"conf key '{key}' must look like '10 seconds', got {conf[section][name]!r}")
+    intervals = {"streaming.trigger_interval": conf["streaming"]["trigger_interval"],
+                 "validation.max_future_skew": conf["validation"]["max_future_skew"],
+                 "correlation.watermark": conf["correlation"]["watermark"]}
+    intervals.update({f"correlation.windows.{k}": v for k, v in conf["correlation"]["windows"].items()})
+    for key, value in intervals.items():
+        if not _INTERVAL.match(str(value)):
+            raise ConfigError(f"conf key '{key}' must look like '10 seconds', got {value!r}")
     for feed in FEEDS:
         rules = conf["validation"]["rules"].get(feed) or {}
         if "malformed_record" not in rules:

@@ -16,6 +16,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 
 import fastavro
 from tqdm import tqdm
@@ -67,6 +68,10 @@ class GeneratorOptions:
     invalid_rate: float = 0.01
     bot_rate: float = 0.02
     late_rate: float = 0.01
+    repeat_click_rate: float = 0.05
+    click_before_impression_rate: float = 0.03
+    view_conversion_rate: float = 0.003
+    untouched_conversion_rate: float = 0.001
     gzip_every: int = 3
     corrupt_avro_files: int = 1
 
@@ -84,12 +89,26 @@ class Manifest:
     ivt: dict = field(default_factory=Counter)
     late: dict = field(default_factory=Counter)
     files: dict = field(default_factory=Counter)
+    gold_daily: dict = field(default_factory=dict)        # "date|campaign" -> SPEC §4 counts and sums
+    bid_funnel_daily: dict = field(default_factory=dict)  # date -> bid_requests, bids, wins
 
     def to_json(self) -> dict:
         # dataclasses.asdict would rebuild each Counter from (key, value) pairs, counting the pairs.
         def plain(value):
             return {k: plain(v) for k, v in value.items()} if isinstance(value, dict) else value
         return {name: plain(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _ms(ts: dt.datetime) -> dt.datetime:
+    """Event times are whole milliseconds, as the feeds carry them, so the truth uses the same times."""
+    return ts.replace(microsecond=ts.microsecond // 1000 * 1000)
+
+
+def _epoch_ms(ts: dt.datetime) -> int:
+    return (ts - EPOCH) // dt.timedelta(milliseconds=1)
 
 
 def _iso(ts: dt.datetime) -> str:
@@ -152,7 +171,7 @@ class Generator:
         return int((ts - self.start) / self.slot_span)
 
     def _event_time(self) -> dt.datetime:
-        return self.start + dt.timedelta(seconds=self.rng.uniform(0, self.o.days * 86400 - 7200))
+        return _ms(self.start + dt.timedelta(seconds=self.rng.uniform(0, self.o.days * 86400 - 7200)))
 
     def _arrival_slot(self, ts: dt.datetime, feed: str) -> int:
         slot = self._slot_of(ts)
@@ -167,7 +186,7 @@ class Generator:
         imps = _Drops(out, "impressions", self.slots)
         events = _Drops(out, "clicks_conversions", self.slots)
         bids = _Drops(out, "bid_requests", self.slots)
-        valid_imps, valid_events, valid_bids = [], [], []
+        valid_imps, valid_events, valid_bids, truth_imps = [], [], [], []
 
         bar = tqdm(total=o.impressions, desc="generating impressions", unit="imp", disable=not progress)
         for n in range(o.impressions):
@@ -186,7 +205,7 @@ class Generator:
             if rng.random() < 0.5:
                 imp["campaign_id"] = creative[1]
             if rng.random() < 0.1:
-                imp["timestamp"] = int(ts.timestamp() * 1000)
+                imp["timestamp"] = _epoch_ms(ts)
             if rng.random() < o.rtb_share:
                 imp["auction_id"] = f"auc-{n:08d}"
                 valid_bids.append(self._bid_request(imp["auction_id"], ts - dt.timedelta(milliseconds=rng.randint(50, 3000)),
@@ -195,8 +214,12 @@ class Generator:
             imps.add(self._arrival_slot(ts, "impressions"), json.dumps(imp))
             valid_imps.append(imp)
             m.ivt["impressions"] += is_bot
+            truth_imps.append({"id": imp["impression_id"], "ts": ts, "user": user_id, "campaign": creative[1],
+                               "cost": Decimal(str(imp["cost"])), "ivt": is_bot, "auction_id": imp.get("auction_id")})
             if not is_bot and rng.random() < o.ctr:
                 valid_events.extend(self._click_and_conversion(imp, ts, creative))
+            elif not is_bot:
+                valid_events.extend(self._unclicked_conversion(imp, ts, creative))
         bar.close()
         self._lost_auctions(valid_bids)
 
@@ -216,6 +239,8 @@ class Generator:
         self._invalid_impressions(imps)
         self._invalid_events(events)
         self._invalid_bids(bids)
+
+        m.gold_daily, m.bid_funnel_daily = expected_gold(truth_imps, valid_events, valid_bids)
 
         self._write_creatives(out)
         self._write_text(imps, "jsonl", header=None)
@@ -238,28 +263,54 @@ class Generator:
             return f"HTTP://{site.upper()}/"
         return site
 
+    def _event(self, kind: str, event_id: str, ts: dt.datetime, user_id: str, creative, impression_id: str = "",
+               conversion_type: str = "", value: str = "") -> dict:
+        """One clicks/conversions CSV line, with the fields the gold truth needs alongside."""
+        stamp = _csv_time(ts) if kind == "click" else _iso(ts)
+        fields = [event_id, stamp, kind, user_id, creative[1], creative[0] if kind == "click" else "", impression_id,
+                  conversion_type, value, "USD" if value else ""]
+        return {"type": kind, "ts": ts, "line": ",".join(fields), "id": event_id, "user": user_id,
+                "campaign": creative[1], "impression_id": impression_id or None, "value": value}
+
+    def _conversion(self, event_id: str, ts: dt.datetime, user_id: str, creative) -> dict:
+        kind = self.rng.choice(CONVERSION_TYPES)
+        value = f"{self.rng.uniform(1, 200):.2f}" if kind in ("purchase", "add_to_cart", "subscribe") else ""
+        return self._event("conversion", event_id, ts, user_id, creative, conversion_type=kind, value=value)
+
     def _click_and_conversion(self, imp: dict, ts: dt.datetime, creative) -> list[dict]:
-        rng = self.rng
-        click_ts = ts + dt.timedelta(seconds=min(rng.expovariate(1 / 60), 1700))
-        click_id = f"clk-{imp['impression_id'][4:]}"
+        """A click on the impression, sometimes repeated or (as fraud) stamped before it, sometimes converting."""
+        rng, n = self.rng, imp["impression_id"][4:]
+        click_ts = _ms(ts + dt.timedelta(seconds=min(rng.expovariate(1 / 60), 1700)))
         carries = rng.random() < 0.7
-        fields = [click_id, _csv_time(click_ts), "click", imp["user_id"], creative[1], creative[0],
-                  imp["impression_id"] if carries else "", "", "", ""]
-        out = [{"type": "click", "ts": click_ts, "line": ",".join(fields)}]
+        out = [self._event("click", f"clk-{n}", click_ts, imp["user_id"], creative, imp["impression_id"] if carries else "")]
+        if rng.random() < self.o.repeat_click_rate:
+            again = _ms(click_ts + dt.timedelta(seconds=rng.uniform(0.5, 9.5)))
+            out.append(self._event("click", f"clk-r{n}", again, imp["user_id"], creative, imp["impression_id"]))
+        if rng.random() < self.o.click_before_impression_rate:
+            before = _ms(ts - dt.timedelta(seconds=rng.uniform(1, 120)))
+            out.append(self._event("click", f"clk-b{n}", before, imp["user_id"], creative, imp["impression_id"]))
         if rng.random() < self.o.cvr:
-            conv_ts = click_ts + dt.timedelta(minutes=rng.uniform(1, 20 * 60))
-            kind = rng.choice(CONVERSION_TYPES)
-            value = f"{rng.uniform(1, 200):.2f}" if kind in ("purchase", "add_to_cart", "subscribe") else ""
-            conv = [f"cnv-{imp['impression_id'][4:]}", conv_ts.isoformat().replace("+00:00", "Z"), "conversion",
-                    imp["user_id"], creative[1], "", "", kind, value, "USD" if value else ""]
-            out.append({"type": "conversion", "ts": conv_ts, "line": ",".join(conv)})
+            conv_ts = _ms(click_ts + dt.timedelta(minutes=rng.uniform(1, 20 * 60)))
+            out.append(self._conversion(f"cnv-{n}", conv_ts, imp["user_id"], creative))
         return out
+
+    def _unclicked_conversion(self, imp: dict, ts: dt.datetime, creative) -> list[dict]:
+        """View-through conversions (within the hour after an unclicked impression) and conversions
+        no touch explains (another user, at a random time)."""
+        rng, n = self.rng, imp["impression_id"][4:]
+        if rng.random() < self.o.view_conversion_rate:
+            conv_ts = _ms(ts + dt.timedelta(minutes=rng.uniform(1, 59)))
+            return [self._conversion(f"cnv-v{n}", conv_ts, imp["user_id"], creative)]
+        if rng.random() < self.o.untouched_conversion_rate:
+            user_id = rng.choice(self.users)[0]
+            return [self._conversion(f"cnv-n{n}", self._event_time(), user_id, rng.choice(self.creatives))]
+        return []
 
     def _bid_request(self, auction_id, ts, user_id, ip, agent, creative, won: bool, bid: bool = True) -> dict:
         rng = self.rng
         floor = round(rng.uniform(0.2, 2.0), 2)
         record = {
-            "auction_id": auction_id, "timestamp": int(ts.timestamp() * 1000),
+            "auction_id": auction_id, "timestamp": _epoch_ms(ts),
             "user": {"user_id": user_id, "ip": ip, "country": None, "device_type": None, "os": None,
                      "user_agent": agent, "segments": []},
             "auction": {"auction_type": rng.choice(["FIRST_PRICE", "SECOND_PRICE"]), "floor_price": floor,
@@ -356,7 +407,7 @@ class Generator:
             if kind == 0:
                 record["user"]["user_id"], rules = "", ["missing_required_field"]
             elif kind == 1:
-                record["timestamp"], rules = int(dt.datetime(1999, 6, 1, tzinfo=UTC).timestamp() * 1000), ["invalid_timestamp"]
+                record["timestamp"], rules = _epoch_ms(dt.datetime(1999, 6, 1, tzinfo=UTC)), ["invalid_timestamp"]
             else:
                 record["auction"]["floor_price"], rules = -1.0, ["negative_amount"]
             drops.add(self._slot_of(ts), record)
@@ -402,3 +453,107 @@ class Generator:
 
 def generate(out: str, options: GeneratorOptions, progress: bool = True) -> Manifest:
     return Generator(options).generate(out, progress=progress)
+
+
+# -- ground truth for gold ----------------------------------------------------------------------
+# SPEC §3 and §4 with the default windows, written out in plain Python over the generated events
+# (never through Spark), so the gold tests check the pipeline against an independent reading.
+CLICK_WINDOW = dt.timedelta(minutes=30)
+CONVERSION_CLICK_WINDOW = dt.timedelta(hours=24)
+CONVERSION_VIEW_WINDOW = dt.timedelta(hours=1)
+BID_WINDOW = dt.timedelta(minutes=5)
+REPEAT_WINDOW = dt.timedelta(seconds=10)
+
+
+def _latest(items: list[dict]) -> dict | None:
+    return max(items, key=lambda e: (e["ts"], e["id"])) if items else None
+
+
+def _resolve_clicks(clicks: list[dict], impressions: list[dict]) -> list[dict]:
+    by_id = {i["id"]: i for i in impressions}
+    by_user_campaign: dict[tuple, list[dict]] = {}
+    for i in impressions:
+        by_user_campaign.setdefault((i["user"], i["campaign"]), []).append(i)
+    for c in clicks:
+        named = by_id.get(c["impression_id"]) if c["impression_id"] else None
+        c["ivt"], c["match"], c["impression"] = False, "none", None
+        if named is not None and named["ts"] > c["ts"]:
+            c["ivt"] = True  # click_before_impression
+        elif named is not None:
+            c["match"], c["impression"] = "impression_id", named["id"]
+        else:
+            window = [i for i in by_user_campaign.get((c["user"], c["campaign"]), [])
+                      if i["ts"] <= c["ts"] <= i["ts"] + CLICK_WINDOW]
+            latest = _latest(window)
+            if latest is not None:
+                c["match"], c["impression"] = "window", latest["id"]
+    previous: dict[tuple, dict] = {}
+    for c in sorted((c for c in clicks if not c["ivt"]), key=lambda e: (e["ts"], e["id"])):
+        clicked = c["impression"] or c["impression_id"]
+        if clicked is None:
+            continue
+        before = previous.get((c["user"], clicked))
+        previous[(c["user"], clicked)] = c
+        if before is not None and c["ts"] <= before["ts"] + REPEAT_WINDOW:
+            c["ivt"], c["match"], c["impression"] = True, "none", None  # repeat_click
+    return clicks
+
+
+def expected_gold(impressions: list[dict], events: list[dict], bid_requests: list[dict]) -> tuple[dict, dict]:
+    """(gold per "date|campaign", bid funnel per date) as SPEC defines them."""
+    counted_imps = [i for i in impressions if not i["ivt"]]
+    clicks = _resolve_clicks([dict(e) for e in events if e["type"] == "click"], counted_imps)
+    conversions = [e for e in events if e["type"] == "conversion"]
+    counted_clicks = [c for c in clicks if not c["ivt"]]
+    daily: dict[str, Counter] = {}
+
+    def row(ts: dt.datetime, campaign: str) -> Counter:
+        return daily.setdefault(f"{ts.date().isoformat()}|{campaign}", Counter())
+
+    for i in impressions:
+        r = row(i["ts"], i["campaign"])
+        if i["ivt"]:
+            r["ivt_impressions"] += 1
+        else:
+            r["impressions"] += 1
+            r["spend"] += i["cost"]
+    for c in clicks:
+        r = row(c["ts"], c["campaign"])
+        if c["ivt"]:
+            r["ivt_clicks"] += 1
+        else:
+            r["clicks"] += 1
+            r["attributed_clicks"] += c["match"] != "none"
+    for v in conversions:
+        r = row(v["ts"], v["campaign"])
+        r["conversions"] += 1
+        r["conversion_value"] += Decimal(v["value"] or "0")
+        same = (v["user"], v["campaign"])
+        by_click = [c for c in counted_clicks if (c["user"], c["campaign"]) == same
+                    and c["ts"] <= v["ts"] <= c["ts"] + CONVERSION_CLICK_WINDOW]
+        by_view = [i for i in counted_imps if (i["user"], i["campaign"]) == same
+                   and i["ts"] <= v["ts"] <= i["ts"] + CONVERSION_VIEW_WINDOW]
+        r["attributed_conversions"] += bool(by_click or by_view)
+
+    impression_of_auction = {i["auction_id"]: i for i in counted_imps if i["auction_id"]}
+    funnel: dict[str, Counter] = {}
+    for b in bid_requests:
+        record = b["avro"]
+        if record["user"]["user_agent"] in BOT_AGENTS:
+            continue
+        f = funnel.setdefault(b["ts"].date().isoformat(), Counter())
+        f["bid_requests"] += 1
+        if record["bid"] is None:
+            continue
+        f["bids"] += 1
+        won = impression_of_auction.get(record["auction_id"])
+        f["wins"] += won is not None and b["ts"] <= won["ts"] <= b["ts"] + BID_WINDOW
+
+    metrics = ["impressions", "clicks", "attributed_clicks", "conversions", "attributed_conversions",
+               "ivt_impressions", "ivt_clicks"]
+    gold = {key: {**{m: int(r[m]) for m in metrics},
+                  "spend": str(Decimal(r["spend"]).quantize(Decimal("0.000001"))),
+                  "conversion_value": str(Decimal(r["conversion_value"]).quantize(Decimal("0.000001")))}
+            for key, r in sorted(daily.items())}
+    bids = {date: {m: int(f[m]) for m in ("bid_requests", "bids", "wins")} for date, f in sorted(funnel.items())}
+    return gold, bids

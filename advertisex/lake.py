@@ -6,11 +6,27 @@ session conf, set here on the micro-batch's own session so concurrent queries do
 """
 from __future__ import annotations
 
+import random
+import time
 from contextlib import contextmanager
 
+from delta.exceptions import (
+    ConcurrentAppendException,
+    ConcurrentDeleteDeleteException,
+    ConcurrentDeleteReadException,
+    ConcurrentTransactionException,
+    ConcurrentWriteException,
+    DeltaConcurrentModificationException,
+    MetadataChangedException,
+)
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
+_CONFLICTS = (
+    ConcurrentAppendException, ConcurrentDeleteDeleteException, ConcurrentDeleteReadException,
+    ConcurrentTransactionException, ConcurrentWriteException, DeltaConcurrentModificationException,
+    MetadataChangedException,
+)
 _TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 
@@ -64,3 +80,29 @@ def insert_new_rows(df: DataFrame, path: str, key: str, app_id: str, version: in
         )
         rows = result.collect()  # one row of commit metrics, or none when Delta skipped the replay
     return int(rows[0]["num_inserted_rows"]) if rows else None
+
+
+def replace_where(df: DataFrame, path: str, predicate: str, partition_by: list[str], retries: int = 5,
+                  on_retry=None) -> None:
+    """Replace the rows matching ``predicate`` (on partition columns) with ``df``, atomically.
+
+    Two writers replacing *different* partitions do not conflict: Delta checks the predicate, not
+    the table. When they do overlap (a backfill and the stream on the same date), the loser gets
+    a concurrent-modification error and simply writes again; its rows are recomputed by the
+    caller's ``df`` plan from the table state it reads then.
+    """
+    for attempt in range(retries + 1):
+        try:
+            (
+                df.write.format("delta").mode("overwrite")
+                .option("replaceWhere", predicate)
+                .partitionBy(*partition_by)
+                .save(path)
+            )
+            return
+        except _CONFLICTS as exc:
+            if attempt == retries:
+                raise
+            if on_retry is not None:
+                on_retry(attempt + 1, exc)
+            time.sleep(min(0.5 * 2 ** attempt, 8.0) * (0.5 + random.random()))

@@ -18,7 +18,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
-from advertisex import bronze, lake, monitoring, parsing, silver, sources
+from advertisex import bronze, correlation, lake, monitoring, parsing, silver, sources
 from advertisex.config import Settings, pseudonymization_key
 from advertisex.silver import Privacy
 from advertisex.validation import filter_valid, to_quarantine, with_rule_violations
@@ -204,6 +204,31 @@ class DimCreativesWriter:
         log.info("dim_creatives batch %d: merged", batch_id)
 
 
+def _empty_raw(spark: SparkSession, feed: str) -> DataFrame:
+    if feed == "bid_requests":
+        return sources.empty_avro_batch(spark)
+    return sources.with_arrival_order(spark.createDataFrame([], "raw STRING, source STRING, file_time TIMESTAMP"))
+
+
+def ensure_silver_tables(spark: SparkSession, settings: Settings, privacy: Privacy) -> None:
+    """Create any missing silver table, empty, with the schema the feed's batches write.
+
+    The correlation query streams from all four; it must be able to start before every feed
+    has delivered its first record.
+    """
+    now = dt.datetime.now(dt.timezone.utc)
+    dim = read_dim(spark, settings)
+    for feed, spec in FEEDS.items():
+        missing = {n: b for n, b in spec.silver_tables.items()
+                   if not DeltaTable.isDeltaTable(spark, settings.table(f"silver/{n}"))}
+        if not missing:
+            continue
+        valid = filter_valid(stage(feed, bronze.with_ingestion(_empty_raw(spark, feed), now), dim, settings))
+        for name, build in missing.items():
+            rows = build(valid, Privacy(key=b"schema-only")).withColumn("ingest_batch", F.lit(None).cast("string"))
+            lake.ensure_table(spark, rows, settings.table(f"silver/{name}"), silver.PARTITIONS[name])
+
+
 def _start(df: DataFrame, name: str, handler, checkpoint: str, settings: Settings, available_now: bool) -> StreamingQuery:
     writer = df.writeStream.queryName(name).option("checkpointLocation", checkpoint).foreachBatch(handler)
     if available_now:
@@ -244,17 +269,36 @@ def start_file_queries(spark: SparkSession, settings: Settings, available_now: b
 
 
 def run(spark: SparkSession, settings: Settings, available_now: bool) -> None:
+    """Ingestion queries (files -> bronze/silver), then the correlation query (silver -> gold).
+
+    With ``available_now`` the correlation query starts once ingestion has finished, so that its
+    one pass sees all of silver; otherwise all queries run side by side until one fails.
+    """
+    ensure_silver_tables(spark, settings, privacy_from(settings))
     queries = start_file_queries(spark, settings, available_now)
     try:
         if available_now:
             for query in queries:
                 query.awaitTermination()
+            _raise_if_failed(queries)
+            queries.append(correlation.start(spark, settings, available_now=True))
+            queries[-1].awaitTermination()
         else:
+            queries.append(correlation.start(spark, settings, available_now=False))
             spark.streams.awaitAnyTermination()
     finally:
         for query in queries:
             if query.isActive:
                 query.stop()
+    _raise_if_failed(queries)
+    gold_query = next(q for q in queries if q.name == correlation.QUERY_NAME)
+    dropped = correlation.dropped_by_watermark(gold_query)
+    if dropped:
+        log.warning("correlation: %d rows arrived after the watermark and were not joined by the stream; "
+                    "backfill their dates for exact gold", dropped)
+
+
+def _raise_if_failed(queries: list[StreamingQuery]) -> None:
     failed = [q.name for q in queries if q.exception() is not None]
     if failed:
         raise RuntimeError(f"streaming queries failed: {', '.join(failed)}")

@@ -1,0 +1,151 @@
+"""The streaming correlation query: silver streams -> stream-stream joins -> gold.
+
+One query reads the four silver tables as Delta streams. Watermarked stream-stream joins (the
+``attribution`` candidate functions, with a bound on every join so state is evicted) find each
+event's candidates as both sides arrive; the candidates are kept in ``gold/_candidates``. Every
+micro-batch then rebuilds the gold rows of the event dates it touched from silver and the
+accumulated candidates, with the same ``gold.build`` the backfill uses. Because that last step
+sees all candidates of an event at once, "latest wins", "none" and the IVT exclusions are exact
+at the end of every micro-batch, including the last one of a finite ``availableNow`` run; no
+answer waits in state for a watermark that a finite run never advances.
+
+What the stream cannot see is a pair whose later event reached silver after the watermark had
+evicted the other one. Those rows count in ``numRowsDroppedByWatermark`` (or never find a
+partner); the events are in silver, and the backfill of their dates restores the exact result.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+from delta.tables import DeltaTable
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery
+
+from advertisex import attribution, backfill, gold, lake
+from advertisex.attribution import Windows
+from advertisex.config import Settings
+
+log = logging.getLogger("advertisex")
+
+QUERY_NAME = "advx_gold"
+CANDIDATES_TABLE = "gold/_candidates"
+CANDIDATE_SCHEMA = (
+    "kind STRING, event_id STRING, event_date DATE, campaign_id STRING, match_id STRING, "
+    "match_time TIMESTAMP, match_cost DECIMAL(18,6)"
+)
+_TOUCH = "touch"
+
+
+def read_silver_stream(spark: SparkSession, settings: Settings, table: str) -> DataFrame:
+    return (
+        spark.readStream.format("delta")
+        .option("maxFilesPerTrigger", settings.conf["correlation"]["max_files_per_trigger"])
+        .load(settings.table(f"silver/{table}"))
+    )
+
+
+def _touched(df: DataFrame, campaign: str = "campaign_id") -> DataFrame:
+    """A row per new event, saying which date it may change (no join, so never late)."""
+    return df.select(
+        F.lit(_TOUCH).alias("kind"), F.lit(None).cast("string").alias("event_id"), "event_date",
+        F.col(campaign).alias("campaign_id"), F.lit(None).cast("string").alias("match_id"),
+        F.lit(None).cast("timestamp").alias("match_time"), F.lit(None).cast("decimal(18,6)").alias("match_cost"),
+    )
+
+
+def correlation_stream(spark: SparkSession, settings: Settings) -> DataFrame:
+    """Candidates from the stream-stream joins, plus one row per new silver event."""
+    windows = Windows.from_conf(settings.conf)
+    watermark = settings.conf["correlation"]["watermark"]
+    s = {name: read_silver_stream(spark, settings, name) for name in gold.SILVER_TABLES}
+    candidates = (
+        attribution.click_candidates(s["clicks"], s["impressions"], windows, watermark, bounded=True)
+        .unionByName(attribution.conversion_candidates(s["conversions"], s["clicks"], s["impressions"], windows, watermark))
+        .unionByName(attribution.win_candidates(s["bid_requests"], s["impressions"], windows, watermark))
+    )
+    return (
+        candidates.unionByName(_touched(s["impressions"]))
+        .unionByName(_touched(s["clicks"]))
+        .unionByName(_touched(s["conversions"]))
+        .unionByName(_touched(s["bid_requests"], campaign="bid_campaign_id"))
+    )
+
+
+def read_candidates(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date) -> DataFrame:
+    return (
+        spark.read.format("delta").load(settings.table(CANDIDATES_TABLE))
+        .filter(F.col("event_date").between(F.lit(first), F.lit(last)))
+    )
+
+
+class GoldBatchWriter:
+    """foreachBatch of the correlation query: keep the candidates, rebuild the touched dates."""
+
+    def __init__(self, spark: SparkSession, settings: Settings):
+        self.spark = spark  # the session that started the query (a batch's session lists no queries)
+        self.settings = settings
+        self.windows = Windows.from_conf(settings.conf)
+        self._query_id: str | None = None
+
+    def query_id(self) -> str:
+        if self._query_id is None:
+            self._query_id = next(str(q.id) for q in self.spark.streams.active if q.name == QUERY_NAME)
+        return self._query_id
+
+    def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
+        started = time.monotonic()
+        spark = batch_df.sparkSession
+        batch = batch_df.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            candidates = batch.filter(F.col("kind") != _TOUCH)
+            lake.append_once(candidates, self.settings.table(CANDIDATES_TABLE), f"{self.query_id()}:candidates",
+                             batch_id, ["event_date"])
+            dates = sorted(r["event_date"] for r in batch.select("event_date").distinct().collect()
+                           if r["event_date"] is not None)
+            found = candidates.count()
+        finally:
+            batch.unpersist()
+        for date in dates:
+            self.rebuild(spark, date)
+        log.info("gold batch %d: %d new candidates, dates %s rebuilt in %.1f s", batch_id, found,
+                 ", ".join(d.isoformat() for d in dates) or "none", time.monotonic() - started)
+
+    def rebuild(self, spark: SparkSession, date: dt.date) -> None:
+        first = date - dt.timedelta(days=gold.lookback_days(self.windows))
+        silver = backfill.read_silver(spark, self.settings, first, date)
+        candidates = read_candidates(spark, self.settings, first, date).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            tables = gold.build(silver, candidates, self.windows, date, multi_touch=False)
+            backfill.write_date(tables, self.settings, date, self.settings.conf["gold"]["backfill_retries"])
+        finally:
+            candidates.unpersist()
+
+
+def ensure_tables(spark: SparkSession, settings: Settings) -> None:
+    path = settings.table(CANDIDATES_TABLE)
+    if not DeltaTable.isDeltaTable(spark, path):
+        lake.ensure_table(spark, spark.createDataFrame([], CANDIDATE_SCHEMA), path, ["event_date"])
+
+
+def start(spark: SparkSession, settings: Settings, available_now: bool) -> StreamingQuery:
+    ensure_tables(spark, settings)
+    writer = (
+        correlation_stream(spark, settings).writeStream
+        .queryName(QUERY_NAME)
+        .option("checkpointLocation", f"{settings.checkpoints.rstrip('/')}/gold")
+        .foreachBatch(GoldBatchWriter(spark, settings))
+    )
+    if available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=settings.conf["streaming"]["trigger_interval"])
+    return writer.start()
+
+
+def dropped_by_watermark(query: StreamingQuery) -> int:
+    """Rows the query's stateful operators dropped as too late, over its recent progress."""
+    return sum(op.numRowsDroppedByWatermark for p in query.recentProgress for op in p.stateOperators)

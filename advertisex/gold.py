@@ -1,0 +1,270 @@
+"""Gold, SPEC §4: campaign, attribution and bid-funnel tables for one event date.
+
+``build`` takes silver for the date and the days before it that can explain it (``Windows.lookback``),
+plus the attribution candidates of those events, and returns every gold table's rows for the date.
+The backfill finds the candidates with batch joins; the streaming correlation query collects them
+with stream-stream joins. Both then call ``build``, so a date's numbers follow one set of rules.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from advertisex import attribution
+from advertisex.attribution import Windows
+
+MONEY = "decimal(18,6)"
+TABLES = {
+    "campaign_performance_hourly": ["event_date", "campaign_id"],
+    "campaign_performance_daily": ["event_date", "campaign_id"],
+    "attributed_clicks": ["event_date", "campaign_id"],
+    "attributed_conversions": ["event_date", "campaign_id"],
+    "attribution_multi_touch": ["event_date", "campaign_id"],
+    "bid_funnel_hourly": ["event_date"],
+}
+STREAMING_TABLES = [t for t in TABLES if t != "attribution_multi_touch"]  # multi-touch is the backfill's
+HOURLY_KEYS = ["event_date", "event_hour", "campaign_id", "creative_id", "website", "country", "device_type"]
+SILVER_TABLES = ["impressions", "clicks", "conversions", "bid_requests"]
+
+
+def lookback_days(windows: Windows) -> int:
+    return -(-windows.lookback() // dt.timedelta(days=1))
+
+
+def _ratio(numerator: Column, denominator: Column, cast: str = "double") -> Column:
+    return F.when(denominator != 0, (numerator / denominator).cast(cast))
+
+
+def _on_date(df: DataFrame, date: dt.date) -> DataFrame:
+    return df.filter(F.col("event_date") == F.lit(date))
+
+
+def _impression_dims(impressions: DataFrame, prefix: str) -> DataFrame:
+    return impressions.select(
+        F.col("impression_id").alias(f"{prefix}_impression_id"),
+        F.col("creative_id").alias(f"{prefix}_creative_id"),
+        F.col("website").alias(f"{prefix}_website"),
+        F.col("country").alias(f"{prefix}_country"),
+        F.col("device_type").alias(f"{prefix}_device_type"),
+    )
+
+
+def _with_dims_of(df: DataFrame, impressions: DataFrame, impression_id: str, prefix: str) -> DataFrame:
+    """The creative, website, country and device of the impression a click or conversion touched."""
+    dims = _impression_dims(impressions, prefix)
+    return (
+        df.join(dims, on=F.col(impression_id) == F.col(f"{prefix}_impression_id"), how="left")
+        .withColumn("creative_id", F.coalesce(F.col(f"{prefix}_creative_id"), F.col("creative_id")))
+        .withColumn("website", F.col(f"{prefix}_website"))
+        .withColumn("country", F.col(f"{prefix}_country"))
+        .withColumn("device_type", F.col(f"{prefix}_device_type"))
+    )
+
+
+def _zero() -> Column:
+    return F.lit(0).cast("long")
+
+
+def to_campaign_hourly(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame) -> DataFrame:
+    """Counts per hour and campaign by creative, website, country and device.
+
+    Clicks and conversions take the website, country and device of the impression they are
+    attributed to (NULL when none); each event counts in its own hour.
+    """
+    counted = ~F.col("is_ivt")
+    imp_rows = impressions.select(
+        *HOURLY_KEYS,
+        F.when(counted, 1).otherwise(0).alias("impressions"), _zero().alias("clicks"), _zero().alias("conversions"),
+        F.lit(0).cast(MONEY).alias("conversion_value"),
+        F.when(counted, F.coalesce(F.col("cost"), F.lit(0))).otherwise(0).cast(MONEY).alias("spend"),
+        F.when(~counted, 1).otherwise(0).alias("ivt_impressions"), _zero().alias("ivt_clicks"),
+    )
+    click_rows = _with_dims_of(clicks, impressions, "matched_impression_id", "m").select(
+        *HOURLY_KEYS,
+        _zero().alias("impressions"), F.when(counted, 1).otherwise(0).alias("clicks"), _zero().alias("conversions"),
+        F.lit(0).cast(MONEY).alias("conversion_value"), F.lit(0).cast(MONEY).alias("spend"),
+        _zero().alias("ivt_impressions"), F.when(~counted, 1).otherwise(0).alias("ivt_clicks"),
+    )
+    conversion_rows = _with_dims_of(conversions.filter(counted), impressions, "touch_impression_id", "t").select(
+        *HOURLY_KEYS,
+        _zero().alias("impressions"), _zero().alias("clicks"), F.lit(1).alias("conversions"),
+        F.coalesce(F.col("conversion_value"), F.lit(0)).cast(MONEY).alias("conversion_value"),
+        F.lit(0).cast(MONEY).alias("spend"), _zero().alias("ivt_impressions"), _zero().alias("ivt_clicks"),
+    )
+    sums = ["impressions", "clicks", "conversions", "ivt_impressions", "ivt_clicks"]
+    return (
+        imp_rows.unionByName(click_rows).unionByName(conversion_rows)
+        .groupBy(*HOURLY_KEYS)
+        .agg(*[F.sum(c).cast("long").alias(c) for c in sums],
+             F.sum("conversion_value").cast(MONEY).alias("conversion_value"), F.sum("spend").cast(MONEY).alias("spend"))
+        .select(*HOURLY_KEYS, "impressions", "clicks", "conversions", "conversion_value", "spend",
+                "ivt_impressions", "ivt_clicks")
+    )
+
+
+DAILY_COLUMNS = [
+    "event_date", "campaign_id", "impressions", "unique_users", "clicks", "attributed_clicks", "conversions",
+    "attributed_conversions", "conversion_value", "spend", "ivt_impressions", "ivt_clicks",
+    "ctr", "cvr", "cpm", "cpc", "cpa", "roas", "unique_users_sketch",
+]
+
+
+def to_campaign_daily(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame) -> DataFrame:
+    """SPEC §4 metrics per date and campaign. ``unique_users_sketch`` is the HLL sketch behind
+    ``unique_users``: merge sketches (hll_union_agg) to count users over several days."""
+    counted = ~F.col("is_ivt")
+    keys = ["event_date", "campaign_id"]
+    imp = impressions.groupBy(*keys).agg(
+        F.count_if(counted).alias("impressions"),
+        F.sum(F.when(counted, F.coalesce(F.col("cost"), F.lit(0)))).cast(MONEY).alias("spend"),
+        F.count_if(~counted).alias("ivt_impressions"),
+        F.hll_sketch_agg(F.when(counted, F.col("user_key"))).alias("unique_users_sketch"),
+    )
+    clk = clicks.groupBy(*keys).agg(
+        F.count_if(counted).alias("clicks"),
+        F.count_if(counted & (F.col("match_type") != "none")).alias("attributed_clicks"),
+        F.count_if(~counted).alias("ivt_clicks"),
+    )
+    cnv = conversions.filter(counted).groupBy(*keys).agg(
+        F.count(F.lit(1)).alias("conversions"),
+        F.count_if(F.col("touch") != "none").alias("attributed_conversions"),
+        F.sum(F.coalesce(F.col("conversion_value"), F.lit(0))).cast(MONEY).alias("conversion_value"),
+    )
+    daily = imp.join(clk, on=keys, how="full").join(cnv, on=keys, how="full")
+    for c in ["impressions", "ivt_impressions", "clicks", "attributed_clicks", "ivt_clicks", "conversions", "attributed_conversions"]:
+        daily = daily.withColumn(c, F.coalesce(F.col(c), F.lit(0)).cast("long"))
+    for c in ["spend", "conversion_value"]:
+        daily = daily.withColumn(c, F.coalesce(F.col(c), F.lit(0)).cast(MONEY))
+    spend = F.col("spend")
+    return (
+        daily.withColumn("unique_users", F.coalesce(F.hll_sketch_estimate("unique_users_sketch"), F.lit(0)).cast("long"))
+        .withColumn("ctr", _ratio(F.col("clicks"), F.col("impressions")))
+        .withColumn("cvr", _ratio(F.col("conversions"), F.col("clicks")))
+        .withColumn("cpm", _ratio(spend * 1000, F.col("impressions"), MONEY))
+        .withColumn("cpc", _ratio(spend, F.col("clicks"), MONEY))
+        .withColumn("cpa", _ratio(spend, F.col("conversions"), MONEY))
+        .withColumn("roas", _ratio(F.col("conversion_value"), spend))
+        .select(*DAILY_COLUMNS)
+    )
+
+
+def to_attributed_clicks(clicks: DataFrame) -> DataFrame:
+    """Counted clicks (valid, deduplicated, non-IVT) and the impression each is attributed to."""
+    return clicks.filter(~F.col("is_ivt")).select(
+        F.col("event_id").alias("click_id"),
+        F.col("event_time").alias("click_time"),
+        "event_date",
+        "campaign_id",
+        F.col("matched_impression_id").alias("impression_id"),
+        "impression_time",
+        "match_type",
+    )
+
+
+def to_attributed_conversions(conversions: DataFrame) -> DataFrame:
+    return conversions.filter(~F.col("is_ivt")).select(
+        F.col("event_id").alias("conversion_id"),
+        F.col("event_time").alias("conversion_time"),
+        "event_date",
+        "campaign_id",
+        "conversion_type",
+        "conversion_value",
+        "click_id",
+        F.col("touch_impression_id").alias("impression_id"),
+        "touch",
+    )
+
+
+def to_bid_funnel_hourly(bid_requests: DataFrame) -> DataFrame:
+    """Requests, bids and wins per hour, site and country; IVT requests do not count."""
+    counted = bid_requests.filter(~F.col("is_ivt"))
+    return (
+        counted.groupBy("event_date", "event_hour", "website", "country")
+        .agg(
+            F.count(F.lit(1)).alias("bid_requests"),
+            F.count_if(F.col("has_bid")).alias("bids"),
+            F.count_if(F.col("won")).alias("wins"),
+            F.avg("floor_price").cast(MONEY).alias("avg_floor_price"),
+            F.avg(F.when(F.col("has_bid"), F.col("bid_price"))).cast(MONEY).alias("avg_bid_price"),
+            (F.avg("clearing_price") * 1000).cast(MONEY).alias("avg_clearing_cpm"),
+        )
+        .withColumn("win_rate", _ratio(F.col("wins"), F.col("bids")))
+        .select("event_date", "event_hour", "website", "country", F.col("bid_requests").cast("long"),
+                F.col("bids").cast("long"), F.col("wins").cast("long"), "win_rate",
+                "avg_floor_price", "avg_bid_price", "avg_clearing_cpm")
+    )
+
+
+def to_multi_touch(conversions: DataFrame, impressions: DataFrame, clicks: DataFrame, windows: Windows) -> DataFrame:
+    """Credits per conversion, model, creative and website over the user's touches in the campaign.
+
+    A touch is a counted impression or click of the converting user in the conversion's campaign
+    within ``conversion_click`` before it. A conversion without touches gets one row per model
+    with creative and website NULL and credit 1, so every conversion's credits sum to 1.
+    """
+    imp_touches = impressions.filter(~F.col("is_ivt")).select(
+        F.col("impression_id").alias("touch_id"), F.col("event_time").alias("touch_time"),
+        F.col("user_key").alias("touch_user"), F.col("campaign_id").alias("touch_campaign"),
+        F.col("creative_id").alias("touch_creative_id"), F.col("website").alias("touch_website"),
+    )
+    click_touches = (
+        _with_dims_of(clicks.filter(~F.col("is_ivt")), impressions, "matched_impression_id", "m")
+        .select(
+            F.col("event_id").alias("touch_id"), F.col("event_time").alias("touch_time"),
+            F.col("user_key").alias("touch_user"), F.col("campaign_id").alias("touch_campaign"),
+            F.col("creative_id").alias("touch_creative_id"), F.col("website").alias("touch_website"),
+        )
+    )
+    touches = imp_touches.unionByName(click_touches)
+    conv = conversions.filter(~F.col("is_ivt")).select(
+        F.col("event_id").alias("conversion_id"), F.col("event_time").alias("conversion_time"),
+        "event_date", "campaign_id", "user_key",
+    )
+    in_window = (
+        (conv["user_key"] == touches["touch_user"]) & (conv["campaign_id"] == touches["touch_campaign"])
+        & conv["conversion_time"].between(touches["touch_time"],
+                                          touches["touch_time"] + attribution.interval(windows.conversion_click))
+    )
+    joined = conv.join(touches, on=in_window, how="inner")
+    credited = attribution.with_touch_credits(joined, windows.half_life)
+    untouched = (
+        conv.join(joined.select("conversion_id").distinct(), on="conversion_id", how="left_anti")
+        .withColumn("model", F.explode(F.array(*[F.lit(m) for m in attribution.MODELS])))
+        .withColumn("touch_creative_id", F.lit(None).cast("string"))
+        .withColumn("touch_website", F.lit(None).cast("string"))
+        .withColumn("credit", F.lit(1.0))
+    )
+    columns = ["conversion_id", "event_date", "campaign_id", "model", "touch_creative_id", "touch_website", "credit"]
+    return (
+        credited.select(*columns).unionByName(untouched.select(*columns))
+        .groupBy("conversion_id", "event_date", "campaign_id", "model", "touch_creative_id", "touch_website")
+        .agg(F.sum("credit").alias("credit"))
+        .select("conversion_id", "model", "campaign_id", F.col("touch_creative_id").alias("creative_id"),
+                F.col("touch_website").alias("website"), "credit", "event_date")
+    )
+
+
+def build(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows, date: dt.date,
+          multi_touch: bool = True) -> dict[str, DataFrame]:
+    """Every gold table's rows for ``date``.
+
+    ``silver`` holds the four event tables from ``lookback_days`` before ``date`` to ``date``;
+    ``candidates`` the attribution candidates of those events (``attribution.CANDIDATE_COLUMNS``).
+    """
+    clicks = attribution.resolve_clicks(silver["clicks"], candidates, windows)
+    conversions = attribution.resolve_conversions(silver["conversions"], candidates, clicks)
+    bid_requests = attribution.resolve_wins(silver["bid_requests"], candidates)
+    impressions = silver["impressions"]
+    day_impressions, day_clicks, day_conversions = (_on_date(df, date) for df in (impressions, clicks, conversions))
+    tables = {
+        "campaign_performance_hourly": to_campaign_hourly(day_impressions, day_clicks, day_conversions),
+        "campaign_performance_daily": to_campaign_daily(day_impressions, day_clicks, day_conversions),
+        "attributed_clicks": to_attributed_clicks(day_clicks),
+        "attributed_conversions": to_attributed_conversions(day_conversions),
+        "bid_funnel_hourly": to_bid_funnel_hourly(_on_date(bid_requests, date)),
+    }
+    if multi_touch:
+        tables["attribution_multi_touch"] = to_multi_touch(day_conversions, impressions, clicks, windows)
+    return tables
