@@ -23,5 +23,8 @@ setup(
         "ua-parser-rs==0.1.5",
         "iptocc==3.3.170",
     ],
-    extras_require={"dev": ["pytest==9.2.0", "chispa==0.12.0", "ruff"]},
+    extras_require={
+        "notebooks": ["matplotlib==3.11.2"],
+        "dev": ["pytest==9.2.0", "chispa==0.12.0", "ruff", "matplotlib==3.11.2"],
+    },
 )

@@ -50,7 +50,8 @@ class Windows:
         """How far before a date the events that can explain it may lie (a click's impression,
         a conversion's click and that click's impression)."""
         return max(
-            parse_interval(self.conversion_click) + max(parse_interval(self.click), parse_interval(self.named_impression_before_click)),
+            parse_interval(self.conversion_click)
+            + max(parse_interval(self.click), parse_interval(self.named_impression_before_click)),
             parse_interval(self.conversion_view),
         )
 
@@ -258,7 +259,8 @@ def resolve_conversions(conversions: DataFrame, candidates: DataFrame, resolved_
         .withColumn("click_id", F.when(F.col("touch") == "click", F.col("touch_click_id")))
         .withColumn("touch_impression_id", F.when(F.col("touch") == "click", F.col("touch_click_impression_id"))
                     .when(F.col("touch") == "view", F.col("view_id")))
-        .drop("click_event_id", "touch_click_id", "touch_click_impression_id", "view_event_id", "view_id", "view_time", "view_cost")
+        .drop("click_event_id", "touch_click_id", "touch_click_impression_id",
+              "view_event_id", "view_id", "view_time", "view_cost")
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
@@ -26,7 +27,6 @@ log = logging.getLogger("advertisex")
 @dataclass
 class DateResult:
     date: dt.date
-    rows: dict[str, int]
     seconds: float
 
 
@@ -44,14 +44,34 @@ def read_silver(spark: SparkSession, settings: Settings, first: dt.date, last: d
     return frames
 
 
-def write_date(tables: dict[str, DataFrame], settings: Settings, date: dt.date, retries: int) -> None:
-    """Replace one date's partitions of every gold table (retrying if a concurrent writer won)."""
+def write_dates(tables: dict[str, DataFrame], settings: Settings, first: dt.date, last: dt.date, retries: int) -> None:
+    """Replace the dates' partitions of every gold table (retrying if a concurrent writer won)."""
+    predicate = f"event_date >= '{first.isoformat()}' AND event_date <= '{last.isoformat()}'"
     for name, df in tables.items():
         lake.replace_where(
-            df, settings.table(f"gold/{name}"), f"event_date = '{date.isoformat()}'", gold.TABLES[name], retries,
+            df, settings.table(f"gold/{name}"), predicate, gold.TABLES[name], retries,
             on_retry=lambda n, exc, name=name: log.warning(
-                "gold/%s %s: concurrent write, retry %d (%s)", name, date, n, type(exc).__name__),
+                "gold/%s %s..%s: concurrent write, retry %d (%s)", name, first, last, n, type(exc).__name__),
         )
+
+
+def rebuild(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date,
+            candidates_of=None, multi_touch: bool = True) -> None:
+    """Recompute and replace gold for the event dates ``first`` to ``last``.
+
+    ``candidates_of(silver, since)`` gives the attribution candidates; by default they are found
+    with batch joins over silver (the streaming query passes the ones its joins collected).
+    """
+    windows = Windows.from_conf(settings.conf)
+    since = first - dt.timedelta(days=gold.lookback_days(windows))
+    silver = read_silver(spark, settings, since, last)
+    found = candidates_of(silver, since) if candidates_of else attribution.all_candidates(silver, windows)
+    candidates = found.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        with gold.built(silver, candidates, windows, first, last, multi_touch=multi_touch) as tables:
+            write_dates(tables, settings, first, last, settings.conf["gold"]["backfill_retries"])
+    finally:
+        candidates.unpersist()
 
 
 def dates_between(first: dt.date, last: dt.date) -> list[dt.date]:
@@ -61,21 +81,12 @@ def dates_between(first: dt.date, last: dt.date) -> list[dt.date]:
 
 
 def run(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date, progress: bool = True) -> list[DateResult]:
-    windows = Windows.from_conf(settings.conf)
-    retries = settings.conf["gold"]["backfill_retries"]
     results = []
     bar = tqdm(dates_between(first, last), desc="backfill", unit="date", disable=not progress)
     for date in bar:
         bar.set_postfix_str(date.isoformat())
-        started = dt.datetime.now()
-        silver = read_silver(spark, settings, date - dt.timedelta(days=gold.lookback_days(windows)), date)
-        candidates = attribution.all_candidates(silver, windows).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            tables = gold.build(silver, candidates, windows, date)
-            write_date(tables, settings, date, retries)
-        finally:
-            candidates.unpersist()
-        seconds = (dt.datetime.now() - started).total_seconds()
-        results.append(DateResult(date, {}, seconds))
-        log.info("backfill %s: gold rewritten in %.1f s", date, seconds)
+        started = time.monotonic()
+        rebuild(spark, settings, date, date)
+        results.append(DateResult(date, time.monotonic() - started))
+        log.info("backfill %s: gold rewritten in %.1f s", date, results[-1].seconds)
     return results

@@ -88,7 +88,6 @@ class GoldBatchWriter:
     def __init__(self, spark: SparkSession, settings: Settings):
         self.spark = spark  # the session that started the query (a batch's session lists no queries)
         self.settings = settings
-        self.windows = Windows.from_conf(settings.conf)
         self._query_id: str | None = None
 
     def query_id(self) -> str:
@@ -109,20 +108,11 @@ class GoldBatchWriter:
             found = candidates.count()
         finally:
             batch.unpersist()
-        for date in dates:
-            self.rebuild(spark, date)
+        if dates:
+            backfill.rebuild(spark, self.settings, dates[0], dates[-1], multi_touch=False,
+                             candidates_of=lambda silver, since: read_candidates(spark, self.settings, since, dates[-1]))
         log.info("gold batch %d: %d new candidates, dates %s rebuilt in %.1f s", batch_id, found,
                  ", ".join(d.isoformat() for d in dates) or "none", time.monotonic() - started)
-
-    def rebuild(self, spark: SparkSession, date: dt.date) -> None:
-        first = date - dt.timedelta(days=gold.lookback_days(self.windows))
-        silver = backfill.read_silver(spark, self.settings, first, date)
-        candidates = read_candidates(spark, self.settings, first, date).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            tables = gold.build(silver, candidates, self.windows, date, multi_touch=False)
-            backfill.write_date(tables, self.settings, date, self.settings.conf["gold"]["backfill_retries"])
-        finally:
-            candidates.unpersist()
 
 
 def ensure_tables(spark: SparkSession, settings: Settings) -> None:
@@ -131,12 +121,12 @@ def ensure_tables(spark: SparkSession, settings: Settings) -> None:
         lake.ensure_table(spark, spark.createDataFrame([], CANDIDATE_SCHEMA), path, ["event_date"])
 
 
-def start(spark: SparkSession, settings: Settings, available_now: bool) -> StreamingQuery:
+def start(spark: SparkSession, settings: Settings, available_now: bool, checkpoint: str | None = None) -> StreamingQuery:
     ensure_tables(spark, settings)
     writer = (
         correlation_stream(spark, settings).writeStream
         .queryName(QUERY_NAME)
-        .option("checkpointLocation", f"{settings.checkpoints.rstrip('/')}/gold")
+        .option("checkpointLocation", checkpoint or f"{settings.checkpoints.rstrip('/')}/gold")
         .foreachBatch(GoldBatchWriter(spark, settings))
     )
     if available_now:
@@ -144,6 +134,12 @@ def start(spark: SparkSession, settings: Settings, available_now: bool) -> Strea
     else:
         writer = writer.trigger(processingTime=settings.conf["streaming"]["trigger_interval"])
     return writer.start()
+
+
+def state_rows(query: StreamingQuery) -> int:
+    """State rows held by the query's stateful operators after its last micro-batch."""
+    last = query.lastProgress
+    return sum(op["numRowsTotal"] for op in last["stateOperators"]) if last else 0
 
 
 def dropped_by_watermark(query: StreamingQuery) -> int:

@@ -547,10 +547,14 @@ def expected_gold(impressions: list[dict], events: list[dict], bid_requests: lis
             continue
         f["bids"] += 1
         won = impression_of_auction.get(record["auction_id"])
-        f["wins"] += won is not None and b["ts"] <= won["ts"] <= b["ts"] + BID_WINDOW
+        is_win = won is not None and b["ts"] <= won["ts"] <= b["ts"] + BID_WINDOW
+        f["wins"] += is_win
+        r = row(b["ts"], record["bid"]["campaign_id"])
+        r["bids"] += 1
+        r["wins"] += is_win
 
     metrics = ["impressions", "clicks", "attributed_clicks", "conversions", "attributed_conversions",
-               "ivt_impressions", "ivt_clicks"]
+               "ivt_impressions", "ivt_clicks", "bids", "wins"]
     gold = {key: {**{m: int(r[m]) for m in metrics},
                   "spend": str(Decimal(r["spend"]).quantize(Decimal("0.000001"))),
                   "conversion_value": str(Decimal(r["conversion_value"]).quantize(Decimal("0.000001")))}

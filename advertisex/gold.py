@@ -1,14 +1,18 @@
-"""Gold, SPEC §4: campaign, attribution and bid-funnel tables for one event date.
+"""Gold, SPEC §4: campaign, attribution and bid-funnel tables for a range of event dates.
 
-``build`` takes silver for the date and the days before it that can explain it (``Windows.lookback``),
-plus the attribution candidates of those events, and returns every gold table's rows for the date.
+``built`` takes silver for the dates and the days before them that can explain them
+(``Windows.lookback``), plus the attribution candidates of those events, and gives every gold
+table's rows for the dates.
 The backfill finds the candidates with batch joins; the streaming correlation query collects them
-with stream-stream joins. Both then call ``build``, so a date's numbers follow one set of rules.
+with stream-stream joins. Both then call ``built``, so a date's numbers follow one set of rules.
 """
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import contextmanager
+from typing import Iterator
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
@@ -37,10 +41,6 @@ def _ratio(numerator: Column, denominator: Column, cast: str = "double") -> Colu
     return F.when(denominator != 0, (numerator / denominator).cast(cast))
 
 
-def _on_date(df: DataFrame, date: dt.date) -> DataFrame:
-    return df.filter(F.col("event_date") == F.lit(date))
-
-
 def _impression_dims(impressions: DataFrame, prefix: str) -> DataFrame:
     return impressions.select(
         F.col("impression_id").alias(f"{prefix}_impression_id"),
@@ -67,12 +67,15 @@ def _zero() -> Column:
     return F.lit(0).cast("long")
 
 
-def to_campaign_hourly(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame) -> DataFrame:
+def to_campaign_hourly(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame,
+                       touched: DataFrame | None = None) -> DataFrame:
     """Counts per hour and campaign by creative, website, country and device.
 
     Clicks and conversions take the website, country and device of the impression they are
-    attributed to (NULL when none); each event counts in its own hour.
+    attributed to (NULL when none), looked up in ``touched`` (default ``impressions``): that
+    impression may be from an earlier date. Each event counts in its own hour.
     """
+    touched = impressions if touched is None else touched
     counted = ~F.col("is_ivt")
     imp_rows = impressions.select(
         *HOURLY_KEYS,
@@ -81,13 +84,13 @@ def to_campaign_hourly(impressions: DataFrame, clicks: DataFrame, conversions: D
         F.when(counted, F.coalesce(F.col("cost"), F.lit(0))).otherwise(0).cast(MONEY).alias("spend"),
         F.when(~counted, 1).otherwise(0).alias("ivt_impressions"), _zero().alias("ivt_clicks"),
     )
-    click_rows = _with_dims_of(clicks, impressions, "matched_impression_id", "m").select(
+    click_rows = _with_dims_of(clicks, touched, "matched_impression_id", "m").select(
         *HOURLY_KEYS,
         _zero().alias("impressions"), F.when(counted, 1).otherwise(0).alias("clicks"), _zero().alias("conversions"),
         F.lit(0).cast(MONEY).alias("conversion_value"), F.lit(0).cast(MONEY).alias("spend"),
         _zero().alias("ivt_impressions"), F.when(~counted, 1).otherwise(0).alias("ivt_clicks"),
     )
-    conversion_rows = _with_dims_of(conversions.filter(counted), impressions, "touch_impression_id", "t").select(
+    conversion_rows = _with_dims_of(conversions.filter(counted), touched, "touch_impression_id", "t").select(
         *HOURLY_KEYS,
         _zero().alias("impressions"), _zero().alias("clicks"), F.lit(1).alias("conversions"),
         F.coalesce(F.col("conversion_value"), F.lit(0)).cast(MONEY).alias("conversion_value"),
@@ -107,13 +110,17 @@ def to_campaign_hourly(impressions: DataFrame, clicks: DataFrame, conversions: D
 DAILY_COLUMNS = [
     "event_date", "campaign_id", "impressions", "unique_users", "clicks", "attributed_clicks", "conversions",
     "attributed_conversions", "conversion_value", "spend", "ivt_impressions", "ivt_clicks",
-    "ctr", "cvr", "cpm", "cpc", "cpa", "roas", "unique_users_sketch",
+    "ctr", "cvr", "cpm", "cpc", "cpa", "roas", "bids", "wins", "win_rate", "unique_users_sketch",
 ]
 
 
-def to_campaign_daily(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame) -> DataFrame:
-    """SPEC §4 metrics per date and campaign. ``unique_users_sketch`` is the HLL sketch behind
-    ``unique_users``: merge sketches (hll_union_agg) to count users over several days."""
+def to_campaign_daily(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame, bid_requests: DataFrame) -> DataFrame:
+    """SPEC §4 metrics per date and campaign, plus the campaign's ``bids``, ``wins`` and
+    ``win_rate`` (bid requests it bid on, by the request's date; SPEC's funnel has no campaign).
+
+    ``unique_users_sketch`` is the HLL sketch behind ``unique_users``: merge sketches
+    (hll_union_agg) to count users over several days or campaigns.
+    """
     counted = ~F.col("is_ivt")
     keys = ["event_date", "campaign_id"]
     imp = impressions.groupBy(*keys).agg(
@@ -132,8 +139,14 @@ def to_campaign_daily(impressions: DataFrame, clicks: DataFrame, conversions: Da
         F.count_if(F.col("touch") != "none").alias("attributed_conversions"),
         F.sum(F.coalesce(F.col("conversion_value"), F.lit(0))).cast(MONEY).alias("conversion_value"),
     )
-    daily = imp.join(clk, on=keys, how="full").join(cnv, on=keys, how="full")
-    for c in ["impressions", "ivt_impressions", "clicks", "attributed_clicks", "ivt_clicks", "conversions", "attributed_conversions"]:
+    bid = (
+        bid_requests.filter(~F.col("is_ivt") & F.col("has_bid"))
+        .groupBy("event_date", F.col("bid_campaign_id").alias("campaign_id"))
+        .agg(F.count(F.lit(1)).alias("bids"), F.count_if(F.col("won")).alias("wins"))
+    )
+    daily = imp.join(clk, on=keys, how="full").join(cnv, on=keys, how="full").join(bid, on=keys, how="full")
+    for c in ["impressions", "ivt_impressions", "clicks", "attributed_clicks", "ivt_clicks", "conversions",
+              "attributed_conversions", "bids", "wins"]:
         daily = daily.withColumn(c, F.coalesce(F.col(c), F.lit(0)).cast("long"))
     for c in ["spend", "conversion_value"]:
         daily = daily.withColumn(c, F.coalesce(F.col(c), F.lit(0)).cast(MONEY))
@@ -146,6 +159,7 @@ def to_campaign_daily(impressions: DataFrame, clicks: DataFrame, conversions: Da
         .withColumn("cpc", _ratio(spend, F.col("clicks"), MONEY))
         .withColumn("cpa", _ratio(spend, F.col("conversions"), MONEY))
         .withColumn("roas", _ratio(F.col("conversion_value"), spend))
+        .withColumn("win_rate", _ratio(F.col("wins"), F.col("bids")))
         .select(*DAILY_COLUMNS)
     )
 
@@ -246,25 +260,41 @@ def to_multi_touch(conversions: DataFrame, impressions: DataFrame, clicks: DataF
     )
 
 
-def build(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows, date: dt.date,
-          multi_touch: bool = True) -> dict[str, DataFrame]:
-    """Every gold table's rows for ``date``.
+@contextmanager
+def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows, first: dt.date, last: dt.date,
+          multi_touch: bool = True) -> Iterator[dict[str, DataFrame]]:
+    """Every gold table's rows for the event dates ``first`` to ``last``, as lazy frames.
 
-    ``silver`` holds the four event tables from ``lookback_days`` before ``date`` to ``date``;
+    ``silver`` holds the four event tables from ``lookback_days`` before ``first`` to ``last``;
     ``candidates`` the attribution candidates of those events (``attribution.CANDIDATE_COLUMNS``).
+    The resolved events are cached while the caller writes the tables (each table reads them
+    again), and released when the ``with`` block ends.
     """
-    clicks = attribution.resolve_clicks(silver["clicks"], candidates, windows)
-    conversions = attribution.resolve_conversions(silver["conversions"], candidates, clicks)
-    bid_requests = attribution.resolve_wins(silver["bid_requests"], candidates)
-    impressions = silver["impressions"]
-    day_impressions, day_clicks, day_conversions = (_on_date(df, date) for df in (impressions, clicks, conversions))
-    tables = {
-        "campaign_performance_hourly": to_campaign_hourly(day_impressions, day_clicks, day_conversions),
-        "campaign_performance_daily": to_campaign_daily(day_impressions, day_clicks, day_conversions),
-        "attributed_clicks": to_attributed_clicks(day_clicks),
-        "attributed_conversions": to_attributed_conversions(day_conversions),
-        "bid_funnel_hourly": to_bid_funnel_hourly(_on_date(bid_requests, date)),
-    }
-    if multi_touch:
-        tables["attribution_multi_touch"] = to_multi_touch(day_conversions, impressions, clicks, windows)
-    return tables
+    cached: list[DataFrame] = []
+
+    def keep(df: DataFrame) -> DataFrame:
+        cached.append(df.persist(StorageLevel.MEMORY_AND_DISK))
+        return cached[-1]
+
+    def in_range(df: DataFrame) -> DataFrame:
+        return df.filter(F.col("event_date").between(F.lit(first), F.lit(last)))
+
+    try:
+        impressions = keep(silver["impressions"])
+        clicks = keep(attribution.resolve_clicks(silver["clicks"], candidates, windows))
+        conversions = keep(attribution.resolve_conversions(silver["conversions"], candidates, clicks))
+        bid_requests = keep(attribution.resolve_wins(in_range(silver["bid_requests"]), candidates))
+        day_impressions, day_clicks, day_conversions = (in_range(df) for df in (impressions, clicks, conversions))
+        tables = {
+            "campaign_performance_hourly": to_campaign_hourly(day_impressions, day_clicks, day_conversions, impressions),
+            "campaign_performance_daily": to_campaign_daily(day_impressions, day_clicks, day_conversions, bid_requests),
+            "attributed_clicks": to_attributed_clicks(day_clicks),
+            "attributed_conversions": to_attributed_conversions(day_conversions),
+            "bid_funnel_hourly": to_bid_funnel_hourly(bid_requests),
+        }
+        if multi_touch:
+            tables["attribution_multi_touch"] = to_multi_touch(day_conversions, impressions, clicks, windows)
+        yield tables
+    finally:
+        for df in cached:
+            df.unpersist()

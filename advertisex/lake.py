@@ -96,6 +96,7 @@ def replace_where(df: DataFrame, path: str, predicate: str, partition_by: list[s
             (
                 df.write.format("delta").mode("overwrite")
                 .option("replaceWhere", predicate)
+                .option("mergeSchema", "true")  # gold is derived: a new column may join an existing table
                 .partitionBy(*partition_by)
                 .save(path)
             )

@@ -268,12 +268,13 @@ def start_file_queries(spark: SparkSession, settings: Settings, available_now: b
     return queries
 
 
-def run(spark: SparkSession, settings: Settings, available_now: bool) -> None:
+def run(spark: SparkSession, settings: Settings, available_now: bool, timings: dict | None = None) -> None:
     """Ingestion queries (files -> bronze/silver), then the correlation query (silver -> gold).
 
     With ``available_now`` the correlation query starts once ingestion has finished, so that its
     one pass sees all of silver; otherwise all queries run side by side until one fails.
     """
+    started = time.monotonic()
     ensure_silver_tables(spark, settings, privacy_from(settings))
     queries = start_file_queries(spark, settings, available_now)
     try:
@@ -281,8 +282,11 @@ def run(spark: SparkSession, settings: Settings, available_now: bool) -> None:
             for query in queries:
                 query.awaitTermination()
             _raise_if_failed(queries)
+            ingested = time.monotonic()
             queries.append(correlation.start(spark, settings, available_now=True))
             queries[-1].awaitTermination()
+            if timings is not None:
+                timings.update(ingestion=ingested - started, gold=time.monotonic() - ingested)
         else:
             queries.append(correlation.start(spark, settings, available_now=False))
             spark.streams.awaitAnyTermination()

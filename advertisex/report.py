@@ -13,6 +13,8 @@ TABLES = [
     "bronze/impressions", "bronze/clicks_conversions", "bronze/bid_requests",
     "silver/impressions", "silver/clicks", "silver/conversions", "silver/bid_requests", "silver/dim_creatives",
     "quarantine/impressions", "quarantine/clicks_conversions", "quarantine/bid_requests",
+    "gold/campaign_performance_hourly", "gold/campaign_performance_daily", "gold/attributed_clicks",
+    "gold/attributed_conversions", "gold/attribution_multi_touch", "gold/bid_funnel_hourly",
 ]
 
 
@@ -22,6 +24,7 @@ class Report:
     quarantine: list[tuple[str, str, int]]
     duplicates: dict[str, int]
     top_campaigns: list[tuple[str, int, int, int]]
+    campaigns: list[dict]
 
 
 def _table(spark: SparkSession, settings: Settings, name: str):
@@ -60,7 +63,24 @@ def build(spark: SparkSession, settings: Settings, top: int = 5) -> Report:
             .limit(top)
         )
         top_campaigns = [(r["campaign_id"], r["impressions"], r["ivt_impressions"], r["users"]) for r in ranked.collect()]
-    return Report(rows, quarantine, duplicates, top_campaigns)
+    campaigns = []
+    daily = _table(spark, settings, "gold/campaign_performance_daily")
+    if daily is not None:
+        totals = (
+            daily.groupBy("campaign_id")
+            .agg(*[F.sum(c).alias(c) for c in ("impressions", "clicks", "conversions", "spend", "bids", "wins")])
+            .select(
+                "campaign_id", "impressions", "clicks", "conversions", "spend",
+                F.when(F.col("impressions") > 0, F.col("clicks") / F.col("impressions")).alias("ctr"),
+                F.when(F.col("clicks") > 0, F.col("conversions") / F.col("clicks")).alias("cvr"),
+                F.when(F.col("conversions") > 0, F.col("spend") / F.col("conversions")).alias("cpa"),
+                F.when(F.col("bids") > 0, F.col("wins") / F.col("bids")).alias("win_rate"),
+            )
+            .orderBy(F.desc("impressions"), "campaign_id")
+            .limit(top)
+        )
+        campaigns = [r.asDict() for r in totals.collect()]
+    return Report(rows, quarantine, duplicates, top_campaigns, campaigns)
 
 
 def render(report: Report) -> str:
@@ -73,4 +93,21 @@ def render(report: Report) -> str:
     lines += ["", "Top campaigns by impressions (valid, non-IVT)",
               f"  {'campaign':<12} {'impressions':>12} {'ivt':>8} {'users~':>8}"]
     lines += [f"  {c:<12} {i:>12,} {v:>8,} {u:>8,}" for c, i, v, u in report.top_campaigns] or ["  (none)"]
+    lines += ["", "Campaigns from gold (all dates; valid, deduplicated, non-IVT)",
+              f"  {'campaign':<12} {'impressions':>12} {'clicks':>8} {'conv':>6} {'CTR':>7} {'CVR':>7} "
+              f"{'CPA':>10} {'win rate':>9}"]
+    lines += [
+        f"  {c['campaign_id']:<12} {c['impressions']:>12,} {c['clicks']:>8,} {c['conversions']:>6,} {_pct(c['ctr']):>7} "
+        f"{_pct(c['cvr']):>7} {_money(c['cpa']):>10} {_pct(c['win_rate']):>9}"
+        for c in report.campaigns
+    ] or ["  (no gold yet)"]
+    lines += ["", "Plots: notebooks/campaign_performance.py (CTR/CVR/CPA/ROAS over time, attribution models, bid funnel)"]
     return "\n".join(lines) + "\n"
+
+
+def _money(value) -> str:
+    return "-" if value is None else f"{float(value):.4f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * float(value):.2f}%"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: set up, generate sample drops, run the pipeline over them into a local lake, report.
+# The demo: set up, generate sample drops, run the pipeline over them into a local lake, backfill
+# gold (multi-touch credits), report.
 #   ./scripts/demo.sh [--impressions N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,7 @@ fi
 rm -rf data/landing data/lake
 .venv/bin/python jobs/generate.py --out data/landing --impressions "$impressions"
 ./spark-submit.sh jobs/pipeline.py --conf conf/local.yaml --landing data/landing --lake data/lake --available-now
+# The event dates the generator wrote, for the backfill (which adds the multi-touch credits).
+read -r first last < <(.venv/bin/python -c 'import json; d = sorted({k.split("|")[0] for k in json.load(open("data/landing/manifest.json"))["gold_daily"]}); print(d[0], d[-1])')
+./spark-submit.sh jobs/backfill.py --conf conf/local.yaml --lake data/lake --from "$first" --to "$last"
 ./spark-submit.sh jobs/report.py --conf conf/local.yaml --lake data/lake

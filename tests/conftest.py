@@ -54,7 +54,7 @@ def samples_lake(spark, tmp_path_factory) -> Settings:
     return settings
 
 
-GENERATED = GeneratorOptions(impressions=3000, seed=11, days=2, files_per_day=3)
+GENERATED = GeneratorOptions(impressions=3000, seed=11, days=2, files_per_day=3, ctr=0.05, cvr=0.2)
 
 
 @pytest.fixture(scope="session")
