@@ -20,13 +20,13 @@ if not os.path.isdir(SAMPLES):
     SAMPLES = os.path.join(ROOT, "tests", "data", "samples")
 
 
-def test_settings(landing: str, lake: str) -> Settings:
+def settings_for(landing: str, lake: str) -> Settings:
     return load_conf(os.path.join(ROOT, "conf", "test.yaml"), {"landing": landing, "lake": lake})
 
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    settings = test_settings(str(tmp_path_factory.mktemp("landing")), str(tmp_path_factory.mktemp("lake")))
+    settings = settings_for(str(tmp_path_factory.mktemp("landing")), str(tmp_path_factory.mktemp("lake")))
     session = build_session(settings, "advertisex-tests")
     yield session
     session.stop()
@@ -49,7 +49,7 @@ def samples_lake(spark, tmp_path_factory) -> Settings:
                        ("bid_requests", "bid_requests.avro"), ("dims/creatives", "creatives.csv")]:
         (landing / feed).mkdir(parents=True)
         shutil.copy(os.path.join(SAMPLES, name), landing / feed / name)
-    settings = test_settings(str(landing), str(base / "lake"))
+    settings = settings_for(str(landing), str(base / "lake"))
     run_pipeline(spark, settings)
     return settings
 
@@ -62,6 +62,6 @@ def generated_lake(spark, tmp_path_factory):
     """Generated drops (with every kind of bad record) run through the pipeline; (settings, manifest)."""
     base = tmp_path_factory.mktemp("generated")
     manifest = generate(str(base / "landing"), GENERATED, progress=False)
-    settings = test_settings(str(base / "landing"), str(base / "lake"))
+    settings = settings_for(str(base / "landing"), str(base / "lake"))
     run_pipeline(spark, settings)
     return settings, manifest
