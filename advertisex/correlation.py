@@ -108,11 +108,36 @@ class GoldBatchWriter:
             found = candidates.count()
         finally:
             batch.unpersist()
-        if dates:
-            backfill.rebuild(spark, self.settings, dates[0], dates[-1], multi_touch=False,
-                             candidates_of=lambda silver, since: read_candidates(spark, self.settings, since, dates[-1]))
+        dates = affected_dates(dates)
+        for first, last in date_runs(dates):
+            backfill.rebuild(spark, self.settings, first, last, multi_touch=False,
+                             candidates_of=lambda silver, since, last=last: read_candidates(spark, self.settings, since, last))
         log.info("gold batch %d: %d new candidates, dates %s rebuilt in %.1f s", batch_id, found,
                  ", ".join(d.isoformat() for d in dates) or "none", time.monotonic() - started)
+
+
+def affected_dates(touched: list[dt.date]) -> list[dt.date]:
+    """The touched dates, plus the day after each when the batch reaches it: a click or an
+    impression can change the touch of a conversion up to 24 h later. (A change to a day whose
+    next day this batch does not reach is left to the backfill: rebuilding tomorrow every batch
+    would cost a rebuild for nothing.)"""
+    if not touched:
+        return []
+    latest = max(touched)
+    following = {d + dt.timedelta(days=1) for d in touched if d + dt.timedelta(days=1) <= latest}
+    return sorted(set(touched) | following)
+
+
+def date_runs(dates: list[dt.date]) -> list[tuple[dt.date, dt.date]]:
+    """Consecutive dates as (first, last) runs: one late event from last month does not make the
+    batch rebuild every day since."""
+    runs: list[tuple[dt.date, dt.date]] = []
+    for date in sorted(dates):
+        if runs and date - runs[-1][1] == dt.timedelta(days=1):
+            runs[-1] = (runs[-1][0], date)
+        else:
+            runs.append((date, date))
+    return runs
 
 
 def ensure_tables(spark: SparkSession, settings: Settings) -> None:

@@ -6,7 +6,7 @@ import datetime as dt
 from chispa import assert_approx_df_equality, assert_df_equality
 from pyspark.sql import functions as F
 
-from advertisex import attribution, gold
+from advertisex import attribution, correlation, gold
 from advertisex.attribution import Windows
 
 DAY = dt.date(2026, 11, 16)
@@ -169,3 +169,12 @@ def test_multi_touch_credits_sum_to_one_and_untouched_conversions_get_one_row(sp
     expected_sums = spark.createDataFrame(
         [(v, m, 1.0) for v in ("v1", "v2") for m in attribution.MODELS], sums.schema)
     assert_df_equality(sums, expected_sums, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_touched_dates_become_runs_of_consecutive_dates():
+    d = dt.date(2026, 11, 16)
+    days = [d + dt.timedelta(days=n) for n in (0, 1, 2, 30)]
+    assert correlation.date_runs(days) == [(days[0], days[2]), (days[3], days[3])]
+    assert correlation.affected_dates([days[0], days[2]]) == days[:3]
+    assert correlation.affected_dates([days[3]]) == [days[3]]
+    assert correlation.date_runs([]) == []
