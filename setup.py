@@ -22,6 +22,7 @@ setup(
         "ua-parser-builtins==202610",
         "ua-parser-rs==0.1.5",
         "iptocc==3.3.170",
+        "confluent-kafka==2.16.1",
     ],
     extras_require={
         "notebooks": ["matplotlib==3.11.2"],

@@ -19,7 +19,7 @@ FEEDS = ("impressions", "clicks_conversions", "bid_requests")
 
 # Sections whose keys are free-form (names chosen by the user), so they are not checked against
 # the defaults key by key.
-_OPEN_SECTIONS = {"spark.extra", "kafka.options"}
+_OPEN_SECTIONS = {"spark.extra", "kafka.options", "kafka.producer_options"}
 _RULE_SECTIONS = {f"validation.rules.{feed}" for feed in FEEDS}
 _INTERVAL = re.compile(r"^\d+\s+(second|minute|hour|day)s?$")
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -82,6 +82,18 @@ def _check(conf: dict) -> None:
     for key, value in intervals.items():
         if not _INTERVAL.match(str(value)):
             raise ConfigError(f"conf key '{key}' must look like '10 seconds', got {value!r}")
+    kafka = conf["kafka"]
+    if set(kafka["topics"]) != set(FEEDS) or not all(isinstance(t, str) and t for t in kafka["topics"].values()):
+        raise ConfigError(f"conf key 'kafka.topics' must name a topic for each of {', '.join(FEEDS)}")
+    if kafka["starting_offsets"] not in ("earliest", "latest"):
+        raise ConfigError(f"conf key 'kafka.starting_offsets' must be 'earliest' or 'latest', got {kafka['starting_offsets']!r}")
+    ids = kafka["schema_registry_ids"]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids):
+        raise ConfigError(f"conf key 'kafka.schema_registry_ids' must be a list of schema ids, got {ids!r}")
+    for section in ("options", "producer_options"):
+        for name, value in (kafka[section] or {}).items():
+            if not isinstance(value, (str, int, float, bool)):
+                raise ConfigError(f"conf key 'kafka.{section}.{name}' must be a single value")
     for feed in FEEDS:
         rules = conf["validation"]["rules"].get(feed) or {}
         if "malformed_record" not in rules:
@@ -150,3 +162,26 @@ def pseudonymization_key(settings: Settings) -> bytes:
         raise ConfigError(f"environment variable {env} is not set (the secret key for user_key)")
     return value.encode("utf-8")
 
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def resolve_secrets(options: dict, where: str) -> dict[str, str]:
+    """Client options with every ``${ENV_VAR}`` replaced from the environment.
+
+    Secrets stay out of conf files this way; the resolved values are handed to the client and
+    never logged. A variable that is not set stops the job with a message naming it (not its value).
+    """
+    resolved = {}
+    for name, value in (options or {}).items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+
+        def lookup(match: re.Match, name=name) -> str:
+            env = match.group(1)
+            if env not in os.environ:
+                raise ConfigError(f"environment variable {env} is not set (named by conf key '{where}.{name}')")
+            return os.environ[env]
+
+        resolved[str(name)] = _ENV_REFERENCE.sub(lookup, text)
+    return resolved

@@ -1,5 +1,7 @@
 """Seeded sample-data generator: file drops in the SPEC formats plus a ground-truth manifest.
 
+With a ``KafkaPublisher`` the same records go to the three feed topics instead of files.
+
 The funnel is bid requests -> bids -> wins (impressions) -> clicks -> conversions. On top of the
 clean events it mixes in, at configurable rates, exact duplicates, malformed records, records that
 break each validation rule, bot user agents and late arrivals (events dropped in a later file
@@ -14,6 +16,8 @@ import io
 import json
 import os
 import random
+import struct
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -181,7 +185,9 @@ class Generator:
         return slot
 
     # -- generation -----------------------------------------------------------------------------
-    def generate(self, out: str, progress: bool = True) -> Manifest:
+    def generate(self, out: str, progress: bool = True, publisher: KafkaPublisher | None = None) -> Manifest:
+        """Write the drops under ``out`` or, given a ``publisher``, send the feeds to Kafka (the
+        creatives dimension and the manifest are written under ``out`` either way)."""
         o, rng, m = self.o, self.rng, self.manifest
         imps = _Drops(out, "impressions", self.slots)
         events = _Drops(out, "clicks_conversions", self.slots)
@@ -241,11 +247,21 @@ class Generator:
         self._invalid_bids(bids)
 
         m.gold_daily, m.bid_funnel_daily = expected_gold(truth_imps, valid_events, valid_bids)
+        self.expected_ids = {
+            "impressions": {i["impression_id"] for i in valid_imps},
+            "clicks": {e["id"] for e in valid_events if e["type"] == "click"},
+            "conversions": {e["id"] for e in valid_events if e["type"] == "conversion"},
+            "bid_requests": {b["avro"]["auction_id"] for b in valid_bids},
+        }
 
+        os.makedirs(out, exist_ok=True)
         self._write_creatives(out)
-        self._write_text(imps, "jsonl", header=None)
-        self._write_text(events, "csv", header=CSV_HEADER)
-        self._write_avro(bids, out)
+        if publisher is None:
+            self._write_text(imps, "jsonl", header=None)
+            self._write_text(events, "csv", header=CSV_HEADER)
+            self._write_avro(bids, out)
+        else:
+            self._publish(publisher, imps, events, bids)
         for feed in ("impressions", "clicks_conversions", "bid_requests"):
             silver = {"impressions": ["impressions"], "clicks_conversions": ["clicks", "conversions"],
                       "bid_requests": ["bid_requests"]}[feed]
@@ -451,8 +467,102 @@ class Generator:
             self.manifest.files["bid_requests"] += 1
 
 
-def generate(out: str, options: GeneratorOptions, progress: bool = True) -> Manifest:
-    return Generator(options).generate(out, progress=progress)
+    def _publish(self, publisher: KafkaPublisher, imps: _Drops, events: _Drops, bids: _Drops) -> None:
+        """The same records as the file drops, as messages, slot after slot (late ones in a later slot)."""
+        for n in range(self.o.corrupt_avro_files):
+            # The Kafka forms of a corrupt file: a schema id nobody registered, and a cut-off body.
+            record = bids.slots[0][0] if bids.slots[0] else None
+            if record is not None:
+                body = publisher.avro_body(record)
+                bids.add(n % self.slots, publisher.wire_format(body, schema_id=publisher.schema_id + 1000 + n))
+                bids.add(n % self.slots, publisher.wire_format(body[: len(body) // 2]))
+                self._quarantine("bid_requests", ["malformed_record"])
+                self._quarantine("bid_requests", ["malformed_record"])
+        slots = []
+        for slot in range(self.slots):
+            messages = [("impressions", line) for line in imps.slots[slot]]
+            messages += [("clicks_conversions", line) for line in events.slots[slot]]
+            messages += [("bid_requests", record) for record in bids.slots[slot]]
+            self.rng.shuffle(messages)
+            slots.append(messages)
+        publisher.publish(slots)
+
+
+class KafkaPublisher:
+    """Sends generated records to the feed topics, keyed by user id so one user's events stay in
+    order in one partition, at a fixed rate or as fast as the broker takes them."""
+
+    def __init__(self, producer_config: dict, topics: dict[str, str], schema_id: int,
+                 rate: float | None = None, progress: bool = True):
+        from confluent_kafka import Producer
+
+        self.producer = Producer({"enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
+                                  **producer_config})
+        self.topics, self.schema_id, self.rate, self.progress = topics, schema_id, rate, progress
+        self.schema = fastavro.parse_schema(json.loads(bid_request_avro_schema()))
+        self.failed: list[str] = []
+        self.sent = 0
+
+    def avro_body(self, record: dict) -> bytes:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, self.schema, record)
+        return buffer.getvalue()
+
+    def wire_format(self, body: bytes, schema_id: int | None = None) -> bytes:
+        """SPEC §1.3: magic byte 0, the schema id as 4 big-endian bytes, then the Avro body."""
+        return b"\x00" + struct.pack(">I", self.schema_id if schema_id is None else schema_id) + body
+
+    def _message(self, feed: str, record) -> tuple[bytes | None, bytes]:
+        if feed == "bid_requests":
+            if isinstance(record, bytes):  # already in the wire format (a broken message on purpose)
+                return None, record
+            return record["user"]["user_id"].encode(), self.wire_format(self.avro_body(record))
+        if feed == "impressions":
+            try:
+                user = json.loads(record).get("user_id")
+            except ValueError:
+                user = None
+        else:
+            fields = record.split(",")
+            user = fields[3] if len(fields) > 3 else None
+        return (user.encode() if isinstance(user, str) and user else None), record.encode("utf-8")
+
+    def _on_delivery(self, err, _msg) -> None:
+        if err is not None:
+            self.failed.append(str(err))
+
+    def publish(self, slots: list[list[tuple[str, object]]]) -> None:
+        total = sum(len(messages) for messages in slots)
+        bar = tqdm(total=total, desc="publishing to Kafka", unit="msg", disable=not self.progress)
+        started = time.monotonic()
+        for messages in slots:
+            for feed, record in messages:
+                key, value = self._message(feed, record)
+                while True:
+                    try:
+                        self.producer.produce(self.topics[feed], value=value, key=key, on_delivery=self._on_delivery)
+                        break
+                    except BufferError:  # the local queue is full: let the broker catch up
+                        self.producer.poll(0.1)
+                self.sent += 1
+                if self.sent % 1000 == 0:
+                    self.producer.poll(0)
+                    bar.update(1000)
+                    if self.rate:
+                        ahead = self.sent / self.rate - (time.monotonic() - started)
+                        if ahead > 0:
+                            time.sleep(ahead)
+        remaining = self.producer.flush(120)
+        bar.update(self.sent - bar.n)
+        bar.close()
+        if remaining or self.failed:
+            raise RuntimeError(f"Kafka did not take {remaining + len(self.failed)} of {total} messages: "
+                               f"{self.failed[0] if self.failed else 'flush timed out'}")
+
+
+def generate(out: str, options: GeneratorOptions, progress: bool = True,
+             publisher: KafkaPublisher | None = None) -> Manifest:
+    return Generator(options).generate(out, progress=progress, publisher=publisher)
 
 
 # -- ground truth for gold ----------------------------------------------------------------------

@@ -22,7 +22,7 @@ from delta.exceptions import (
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
-_CONFLICTS = (
+CONFLICTS = (
     ConcurrentAppendException, ConcurrentDeleteDeleteException, ConcurrentDeleteReadException,
     ConcurrentTransactionException, ConcurrentWriteException, DeltaConcurrentModificationException,
     MetadataChangedException,
@@ -63,7 +63,7 @@ def delta_transaction(spark: SparkSession, app_id: str, version: int):
 
 
 def insert_new_rows(df: DataFrame, path: str, key: str, app_id: str, version: int,
-                    partition_by: list[str] | None = None) -> int | None:
+                    partition_by: list[str] | None = None, retries: int = 5) -> int | None:
     """Insert the rows of ``df`` whose ``key`` is not in the table yet; return how many went in.
 
     ``df`` must hold each key once. Returns None when Delta skipped the MERGE because this
@@ -71,15 +71,28 @@ def insert_new_rows(df: DataFrame, path: str, key: str, app_id: str, version: in
     """
     spark = df.sparkSession
     ensure_table(spark, df, path, partition_by)
-    target = DeltaTable.forPath(spark, path).alias("t")
-    with delta_transaction(spark, app_id, version):
-        result = (
-            target.merge(df.alias("s"), f"t.`{key}` = s.`{key}`")
-            .whenNotMatchedInsertAll()
-            .execute()
-        )
-        rows = result.collect()  # one row of commit metrics, or none when Delta skipped the replay
-    return int(rows[0]["num_inserted_rows"]) if rows else None
+    for attempt in range(retries + 1):
+        target = DeltaTable.forPath(spark, path).alias("t")
+        try:
+            with delta_transaction(spark, app_id, version):
+                result = (
+                    target.merge(df.alias("s"), f"t.`{key}` = s.`{key}`")
+                    .whenNotMatchedInsertAll()
+                    .execute()
+                )
+                rows = result.collect()  # one row of commit metrics, or none when Delta skipped the replay
+            return int(rows[0]["num_inserted_rows"]) if rows else None
+        except CONFLICTS:
+            # An OPTIMIZE (or another maintenance job) rewrote files this MERGE read. Reading again
+            # is safe: the transaction id still makes a committed attempt a no-op.
+            if attempt == retries:
+                raise
+            backoff(attempt)
+    raise AssertionError("unreachable")
+
+
+def backoff(attempt: int) -> None:
+    time.sleep(min(0.5 * 2 ** attempt, 8.0) * (0.5 + random.random()))
 
 
 def replace_where(df: DataFrame, path: str, predicate: str, partition_by: list[str], retries: int = 5,
@@ -101,9 +114,9 @@ def replace_where(df: DataFrame, path: str, predicate: str, partition_by: list[s
                 .save(path)
             )
             return
-        except _CONFLICTS as exc:
+        except CONFLICTS as exc:
             if attempt == retries:
                 raise
             if on_retry is not None:
                 on_retry(attempt + 1, exc)
-            time.sleep(min(0.5 * 2 ** attempt, 8.0) * (0.5 + random.random()))
+            backoff(attempt)

@@ -1,13 +1,17 @@
-"""Per-micro-batch accounting: the counts that must add up, as an ``ops/metrics`` row and a log line."""
+"""Per-micro-batch accounting: the counts that must add up, as an ``ops/metrics`` row and a log line;
+and the Kafka data-loss watch over the queries' progress."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.streaming import StreamingQueryListener
 
 log = logging.getLogger("advertisex")
 
@@ -83,3 +87,63 @@ def status_line(account: BatchAccount, seconds: float) -> str:
         f"{f' ({rules})' if rules else ''} | {account.duplicates_dropped:,} duplicates | "
         f"{seconds:.1f} s ({rate:,.0f} rows/s)"
     )
+
+
+def kafka_offsets_lost(start_offset: str | None, end_offset: str | None, rows_read: int) -> int:
+    """Offsets a Kafka micro-batch skipped: its offset range minus the rows it actually read.
+
+    Without transactions or compaction a topic's offsets have no gaps, so a range of N offsets
+    yields N rows; fewer means the records were gone (aged out by retention, or deleted) before the
+    query read them, which Spark's ``failOnDataLoss = false`` passes over with a log line only.
+    Partitions that appear for the first time (no start offset) are not counted.
+    """
+    if not start_offset or not end_offset:
+        return 0
+    start, end = json.loads(start_offset), json.loads(end_offset)
+    planned = 0
+    for topic, partitions in end.items():
+        for partition, until in partitions.items():
+            since = start.get(topic, {}).get(partition)
+            if since is None or since < 0:
+                return 0  # a new partition: its start is "earliest", which the progress does not say
+            planned += until - since
+    return max(0, planned - rows_read)
+
+
+class KafkaDataLossListener(StreamingQueryListener):
+    """Counts offsets every Kafka query skipped, per query, and logs each loss as an alert line.
+
+    Callbacks only do arithmetic and one log call: they run on the listener bus and must not block.
+    """
+
+    def __init__(self):
+        self.lost: dict[str, int] = {}
+        self.terminated: set[str] = set()
+
+    def onQueryStarted(self, event) -> None:
+        pass
+
+    def onQueryProgress(self, event) -> None:
+        progress = event.progress
+        for source in progress.sources:
+            if not source.description.startswith("KafkaV2"):
+                continue
+            lost = kafka_offsets_lost(source.startOffset, source.endOffset, source.numInputRows)
+            if lost:
+                name = progress.name or str(progress.id)
+                self.lost[name] = self.lost.get(name, 0) + lost
+                log.error("ALERT kafka data loss: query %s batch %d skipped %d offsets that were no longer in "
+                          "Kafka (%s); failOnDataLoss is off, so the stream went on", name, progress.batchId, lost,
+                          source.description)
+
+    def onQueryIdle(self, event) -> None:
+        pass
+
+    def onQueryTerminated(self, event) -> None:
+        self.terminated.add(str(event.id))
+
+    def wait_for(self, query_ids: list[str], timeout: float = 10.0) -> None:
+        """Wait until the listener has seen these queries end (so it has seen all their progress)."""
+        deadline = time.monotonic() + timeout
+        while not set(query_ids) <= self.terminated and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""The ingestion pipeline: one streaming query per feed, each micro-batch through bronze and silver.
+"""The ingestion pipeline: one streaming query per feed (file drops or Kafka), each micro-batch through
+bronze and silver.
 
 A micro-batch of a feed is written four times, each write idempotent for (query id, batch id):
 bronze (append), quarantine (append), silver (insert of ids not yet present), ops/metrics
@@ -112,6 +113,8 @@ class FeedBatchWriter:
         return self._query_id
 
     def _raw_batch(self, batch_df: DataFrame, salvage: bool) -> DataFrame:
+        if "_order" in batch_df.columns:  # Kafka: the source already gives one record per row
+            return batch_df
         if self.spec.feed != "bid_requests":
             return sources.with_arrival_order(batch_df)
         # The listing stream gives file names only; a batch holds at most max_files_per_trigger.
@@ -238,29 +241,41 @@ def _start(df: DataFrame, name: str, handler, checkpoint: str, settings: Setting
     return writer.start()
 
 
-def start_file_queries(spark: SparkSession, settings: Settings, available_now: bool) -> list[StreamingQuery]:
-    """Load the dimension first (so impressions can be checked against it), then start every feed."""
-    sources.check_landing(settings)
+def _feed_stream(spark: SparkSession, settings: Settings, feed: str) -> tuple[DataFrame, str]:
+    """The feed's stream and its checkpoint folder (Kafka and file queries keep separate progress)."""
+    checkpoints = settings.checkpoints.rstrip("/")
+    if settings.conf["source"] == "kafka":
+        return sources.read_kafka_feed(spark, settings, feed), f"{checkpoints}/kafka/{feed}"
+    if feed == "bid_requests":
+        return sources.read_avro_file_listing(spark, settings), f"{checkpoints}/{feed}"
+    return sources.read_text_feed(spark, settings, feed), f"{checkpoints}/{feed}"
+
+
+def start_ingestion_queries(spark: SparkSession, settings: Settings, available_now: bool) -> list[StreamingQuery]:
+    """Load the dimension first (so impressions can be checked against it), then start every feed.
+
+    The creatives dimension is a file drop under the landing directory whatever the feeds' source;
+    with Kafka and no landing directory, the dimension already in silver is used as it is.
+    """
     privacy = privacy_from(settings)
     checkpoints = settings.checkpoints.rstrip("/")
     # Tables several queries write to must exist before they start, or the first commits race.
     lake.ensure_table(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
-    dim_query = _start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
-                       DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, available_now=True)
-    dim_query.awaitTermination()
     queries = []
+    if settings.landing is not None:
+        sources.check_landing(settings)
+        dim_query = _start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
+                           DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, available_now=True)
+        dim_query.awaitTermination()
     try:
-        if not available_now:
+        if settings.landing is not None and not available_now:
             queries.append(_start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
                                   DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, False))
         for feed, spec in FEEDS.items():
             name = f"advx_{feed}"
-            if feed == "bid_requests":
-                stream = sources.read_avro_file_listing(spark, settings)
-            else:
-                stream = sources.read_text_feed(spark, settings, feed)
+            stream, checkpoint = _feed_stream(spark, settings, feed)
             handler = FeedBatchWriter(spark, settings, spec, name, privacy)
-            queries.append(_start(stream, name, handler, f"{checkpoints}/{feed}", settings, available_now))
+            queries.append(_start(stream, name, handler, checkpoint, settings, available_now))
     except Exception:
         for query in queries:
             query.stop()
@@ -268,16 +283,21 @@ def start_file_queries(spark: SparkSession, settings: Settings, available_now: b
     return queries
 
 
-def run(spark: SparkSession, settings: Settings, available_now: bool, timings: dict | None = None) -> None:
-    """Ingestion queries (files -> bronze/silver), then the correlation query (silver -> gold).
+def run(spark: SparkSession, settings: Settings, available_now: bool, timings: dict | None = None) -> dict:
+    """Ingestion queries (files or Kafka -> bronze/silver), then the correlation query (silver -> gold).
 
     With ``available_now`` the correlation query starts once ingestion has finished, so that its
     one pass sees all of silver; otherwise all queries run side by side until one fails.
+    Returns what was lost on the way, for the caller to act on: Kafka offsets skipped per query
+    and rows the correlation's watermark dropped.
     """
     started = time.monotonic()
     ensure_silver_tables(spark, settings, privacy_from(settings))
-    queries = start_file_queries(spark, settings, available_now)
+    loss = monitoring.KafkaDataLossListener()
+    spark.streams.addListener(loss)
+    queries: list[StreamingQuery] = []
     try:
+        queries = start_ingestion_queries(spark, settings, available_now)
         if available_now:
             for query in queries:
                 query.awaitTermination()
@@ -294,12 +314,15 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
         for query in queries:
             if query.isActive:
                 query.stop()
+        loss.wait_for([str(q.id) for q in queries])
+        spark.streams.removeListener(loss)
     _raise_if_failed(queries)
     gold_query = next(q for q in queries if q.name == correlation.QUERY_NAME)
     dropped = correlation.dropped_by_watermark(gold_query)
     if dropped:
         log.warning("correlation: %d rows arrived after the watermark and were not joined by the stream; "
                     "backfill their dates for exact gold", dropped)
+    return {"kafka_offsets_lost": dict(loss.lost), "dropped_by_watermark": dropped}
 
 
 def _raise_if_failed(queries: list[StreamingQuery]) -> None:

@@ -1,9 +1,14 @@
-"""Streaming sources: file drops (and, for bid requests, the Avro container files they name).
+"""Streaming sources: file drops (and, for bid requests, the Avro container files they name), or Kafka.
 
 Text feeds are read line by line as ``raw`` so that bronze and quarantine keep the record exactly
 as it arrived. Bid-request files are Avro containers: the stream lists new files and each
 micro-batch decodes them with spark-avro, falling back to a per-record salvage in Python only
 when a file is corrupt, so a bad file never stops the stream and its good records still land.
+
+On Kafka every message is one record, ``source`` is ``topic/partition/offset``, and arrival order
+is the message timestamp, then partition and offset. Bid requests arrive in the Confluent wire
+format; a message whose header is wrong or whose schema id is not accepted is not decoded at all
+and goes to quarantine as malformed.
 """
 from __future__ import annotations
 
@@ -13,12 +18,12 @@ import json
 import os
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.avro.functions import from_avro, to_avro
 
-from advertisex.config import ConfigError, Settings
+from advertisex.config import ConfigError, Settings, resolve_secrets
 from advertisex.parsing import bid_request_avro_schema, bid_request_struct, ddl_schema
 
 # A corrupt Avro file is quarantined with at most this much of its undecodable bytes.
@@ -185,3 +190,61 @@ def salvage_avro_files(spark: SparkSession, paths: list[str]) -> DataFrame:
         _order(F.col("position"), file_time="file_time", file="source").alias("_order"),
         F.col("raw"),
     )
+
+
+# -- Kafka ----------------------------------------------------------------------------------------
+CONFLUENT_HEADER_BYTES = 5  # magic byte 0x00, then the schema id as a 4-byte big-endian integer
+
+
+def kafka_source_options(settings: Settings, feed: str) -> dict[str, str]:
+    """Options of Spark's Kafka source for one feed; secrets resolved from the environment."""
+    kafka = settings.conf["kafka"]
+    options = {
+        "kafka.bootstrap.servers": kafka["bootstrap_servers"],
+        "subscribe": kafka["topics"][feed],
+        "startingOffsets": kafka["starting_offsets"],
+        "maxOffsetsPerTrigger": str(kafka["max_offsets_per_trigger"]),
+        "failOnDataLoss": str(bool(kafka["fail_on_data_loss"])).lower(),
+    }
+    options.update(resolve_secrets(kafka["options"], "kafka.options"))
+    return options
+
+
+def confluent_avro_body(value: Column | str, schema_ids: list[int]) -> Column:
+    """The Avro body of a Confluent wire-format message, or NULL when the header is not ours."""
+    value = F.col(value) if isinstance(value, str) else value
+    header = F.hex(F.substring(value, 1, CONFLUENT_HEADER_BYTES))
+    schema_id = F.conv(F.substring(header, 3, 8), 16, 10).cast("long")
+    accepted = (
+        (F.length(value) > CONFLUENT_HEADER_BYTES)
+        & (F.substring(header, 1, 2) == F.lit("00"))
+        & schema_id.isin(*schema_ids)
+    )
+    body = F.substring(value, F.lit(CONFLUENT_HEADER_BYTES + 1), F.length(value) - CONFLUENT_HEADER_BYTES)
+    return F.when(accepted, body)
+
+
+def to_kafka_records(messages: DataFrame, feed: str, schema_ids: list[int]) -> DataFrame:
+    """Kafka rows -> the columns a feed's micro-batch needs: raw, source, _order (and record)."""
+    order = F.struct(
+        F.col("timestamp").alias("file_time"),
+        F.concat_ws("/", "topic", F.col("partition").cast("string")).alias("file"),
+        F.col("offset").alias("position"),
+    )
+    source = F.concat_ws("/", "topic", F.col("partition").cast("string"), F.col("offset").cast("string"))
+    if feed != "bid_requests":
+        return messages.select(F.col("value").cast("string").alias("raw"), source.alias("source"), order.alias("_order"))
+    body = confluent_avro_body("value", schema_ids)
+    record = from_avro(body, bid_request_avro_schema(), {"mode": "PERMISSIVE"})
+    return messages.select(
+        F.when(body.isNotNull(), record).alias("record"),
+        source.alias("source"),
+        order.alias("_order"),
+        F.col("value").alias("raw"),
+    )
+
+
+def read_kafka_feed(spark: SparkSession, settings: Settings, feed: str) -> DataFrame:
+    """A stream of one feed's topic, as records ready for bronze."""
+    messages = spark.readStream.format("kafka").options(**kafka_source_options(settings, feed)).load()
+    return to_kafka_records(messages, feed, settings.conf["kafka"]["schema_registry_ids"])

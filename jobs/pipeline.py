@@ -1,6 +1,9 @@
 """Streaming ingestion: every feed from file drops (or Kafka) through bronze and silver.
 
     ./spark-submit.sh jobs/pipeline.py --conf conf/local.yaml --landing DIR --lake DIR [--available-now]
+    ./spark-submit.sh jobs/pipeline.py --conf conf/local.yaml --source kafka --lake DIR [--landing DIR]
+
+With Kafka the landing directory is only where the creatives dimension is dropped.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import sys
 
 from advertisex import pipeline, sources
 from advertisex.cli import run_job
-from advertisex.config import ConfigError, load_conf
+from advertisex.config import FEEDS, ConfigError, load_conf
 from advertisex.session import build_session
 
 
@@ -30,10 +33,13 @@ def main(argv: list[str]) -> None:
         raise ConfigError("no lake: pass --lake DIR or set 'lake' in the conf")
     if settings.conf["source"] == "files" and settings.landing is None:
         raise ConfigError("no landing directory: pass --landing DIR or set 'landing' in the conf")
+    # Fail on a missing secret, landing directory or Kafka credential before Spark starts.
+    pipeline.privacy_from(settings)
+    if settings.landing is not None:
+        sources.check_landing(settings)
     if settings.conf["source"] == "kafka":
-        raise ConfigError("--source kafka is not available in this build yet; use --source files")
-    pipeline.privacy_from(settings)  # fail on a missing secret or landing directory before Spark starts
-    sources.check_landing(settings)
+        for feed in FEEDS:
+            sources.kafka_source_options(settings, feed)
     spark = build_session(settings, "advertisex-pipeline")
     pipeline.run(spark, settings, available_now=args.available_now)
 

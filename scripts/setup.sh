@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for the project: a virtual environment with the pinned Python packages,
-# and the JVM jars (Delta, spark-avro, the Kafka connector) fetched from Maven Central into .jars/.
+# the JVM jars (Delta, spark-avro, the Kafka connector) fetched from Maven Central into .jars/, and
+# the Apache Kafka broker into .kafka/.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +42,6 @@ if [ ! -f "$jar_stamp" ]; then
   rm -rf .jars/all
   touch "$jar_stamp"
 fi
-echo "setup: ready ($(ls .jars/*.jar | wc -l) jars in .jars/)"
+# The Kafka broker the tests and the real-time mode run (its own jars, never on Spark's classpath).
+scripts/kafka.sh fetch
+echo "setup: ready ($(ls .jars/*.jar | wc -l) jars in .jars/, Kafka broker in .kafka/)"

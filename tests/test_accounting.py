@@ -1,17 +1,25 @@
-"""Generated drops: every input record lands in exactly one place, as the generator's manifest says."""
+"""Generated events, from file drops and from Kafka: every input record lands in exactly one place, as
+the generator's manifest says."""
 from __future__ import annotations
 
+import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from advertisex.generator import Generator
 from conftest import GENERATED, read_table, run_pipeline
 
+@pytest.fixture(params=["files", "kafka"])
+def lake(request):
+    """Each test runs on the generated events from file drops and from a real Kafka broker."""
+    return request.getfixturevalue("generated_lake" if request.param == "files" else "kafka_lake")
+
+
 SILVER_OF = {"impressions": ["impressions"], "clicks_conversions": ["clicks", "conversions"], "bid_requests": ["bid_requests"]}
 
 
-def test_silver_quarantine_and_duplicates_match_the_manifest(spark, generated_lake):
-    settings, manifest = generated_lake
+def test_silver_quarantine_and_duplicates_match_the_manifest(spark, lake):
+    settings, manifest = lake
     rows = []
     for feed, tables in SILVER_OF.items():
         silver = sum(read_table(spark, settings, f"silver/{t}").count() for t in tables)
@@ -34,8 +42,8 @@ def test_silver_quarantine_and_duplicates_match_the_manifest(spark, generated_la
     assert_df_equality(duplicates, expected_duplicates, ignore_row_order=True, ignore_nullable=True)
 
 
-def test_quarantine_reasons_match_the_manifest(spark, generated_lake):
-    settings, manifest = generated_lake
+def test_quarantine_reasons_match_the_manifest(spark, lake):
+    settings, manifest = lake
     frames = [
         read_table(spark, settings, f"quarantine/{feed}").select(F.lit(feed).alias("feed"), F.explode("reasons").alias("rule"))
         for feed in SILVER_OF
@@ -47,8 +55,8 @@ def test_quarantine_reasons_match_the_manifest(spark, generated_lake):
     assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
 
 
-def test_ivt_matches_the_manifest(spark, generated_lake):
-    settings, manifest = generated_lake
+def test_ivt_matches_the_manifest(spark, lake):
+    settings, manifest = lake
     actual = spark.createDataFrame([
         (table, read_table(spark, settings, f"silver/{table}").filter("is_ivt AND ivt_reason = 'bot_user_agent'").count())
         for table in ("impressions", "bid_requests")
@@ -57,8 +65,8 @@ def test_ivt_matches_the_manifest(spark, generated_lake):
     assert_df_equality(actual, expected, ignore_row_order=True)
 
 
-def test_no_raw_user_id_or_full_ip_in_silver(spark, generated_lake):
-    settings, _ = generated_lake
+def test_no_raw_user_id_or_full_ip_in_silver(spark, lake):
+    settings, _ = lake
     world = Generator(GENERATED)  # the same seed rebuilds the same users and IPs
     secrets = spark.createDataFrame(
         [(u,) for u, _, _ in world.users] + [(ip,) for _, ip, _ in world.users] + [("u-bad",)], "secret string")
@@ -69,9 +77,9 @@ def test_no_raw_user_id_or_full_ip_in_silver(spark, generated_lake):
         assert leaks.count() == 0, f"silver/{table} holds a raw user id or a full IP"
 
 
-def test_rerun_changes_nothing(spark, generated_lake):
+def test_rerun_changes_nothing(spark, lake):
     """A second run over the same drops and checkpoints finds nothing new and writes nothing."""
-    settings, _ = generated_lake
+    settings, _ = lake
     tables = [f"silver/{t}" for t in ("impressions", "clicks", "conversions", "bid_requests")] + ["ops/metrics"]
     before = {t: read_table(spark, settings, t).count() for t in tables}
     run_pipeline(spark, settings)

@@ -1,0 +1,40 @@
+"""Table maintenance that runs while the streams write: OPTIMIZE (compaction) and VACUUM.
+
+OPTIMIZE commits with ``dataChange = false``, so streams reading the table skip it, and a
+stream's insert-only MERGE that read files OPTIMIZE replaced retries (``lake.insert_new_rows``).
+OPTIMIZE itself can lose to a concurrent delete or overwrite of the same files; it is retried here.
+"""
+from __future__ import annotations
+
+import logging
+
+from delta.tables import DeltaTable
+from pyspark.sql import SparkSession
+
+from advertisex import lake
+
+log = logging.getLogger("advertisex")
+
+
+def optimize(spark: SparkSession, path: str, where: str | None = None, retries: int = 5) -> dict:
+    """Compact the small files of ``path`` (optionally only the partitions ``where`` selects)."""
+    for attempt in range(retries + 1):
+        try:
+            builder = DeltaTable.forPath(spark, path).optimize()
+            if where:
+                builder = builder.where(where)
+            metrics = builder.executeCompaction().select("metrics.numFilesAdded", "metrics.numFilesRemoved").first()
+            result = {"files_added": int(metrics[0]), "files_removed": int(metrics[1])}
+            log.info("optimize %s: %d files compacted into %d", path, result["files_removed"], result["files_added"])
+            return result
+        except lake.CONFLICTS:
+            if attempt == retries:
+                raise
+            log.warning("optimize %s: conflicted with a concurrent write; retrying", path)
+            lake.backoff(attempt)
+    raise AssertionError("unreachable")
+
+
+def vacuum(spark: SparkSession, path: str, retention_hours: float = 168.0) -> None:
+    """Delete files no version within ``retention_hours`` needs (Delta refuses less than 7 days by default)."""
+    DeltaTable.forPath(spark, path).vacuum(retention_hours)
