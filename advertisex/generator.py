@@ -473,9 +473,10 @@ class Generator:
             # The Kafka forms of a corrupt file: a schema id nobody registered, and a cut-off body.
             record = bids.slots[0][0] if bids.slots[0] else None
             if record is not None:
-                body = publisher.avro_body(record)
-                bids.add(n % self.slots, publisher.wire_format(body, schema_id=publisher.schema_id + 1000 + n))
-                bids.add(n % self.slots, publisher.wire_format(body[: len(body) // 2]))
+                wire = publisher.wire
+                body = wire.avro_body(record)
+                bids.add(n % self.slots, wire.frame(body, schema_id=wire.schema_id + 1000 + n))
+                bids.add(n % self.slots, wire.frame(body[: len(body) // 2]))
                 self._quarantine("bid_requests", ["malformed_record"])
                 self._quarantine("bid_requests", ["malformed_record"])
         slots = []
@@ -488,6 +489,23 @@ class Generator:
         publisher.publish(slots)
 
 
+class WireFormat:
+    """Bid requests as Kafka messages in the Confluent wire format of SPEC §1.3."""
+
+    def __init__(self, schema_id: int):
+        self.schema_id = schema_id
+        self.schema = fastavro.parse_schema(json.loads(bid_request_avro_schema()))
+
+    def avro_body(self, record: dict) -> bytes:
+        buffer = io.BytesIO()
+        fastavro.schemaless_writer(buffer, self.schema, record)
+        return buffer.getvalue()
+
+    def frame(self, body: bytes, schema_id: int | None = None) -> bytes:
+        """Magic byte 0, the schema id as 4 big-endian bytes, then the Avro body."""
+        return b"\x00" + struct.pack(">I", self.schema_id if schema_id is None else schema_id) + body
+
+
 class KafkaPublisher:
     """Sends generated records to the feed topics, keyed by user id so one user's events stay in
     order in one partition, at a fixed rate or as fast as the broker takes them."""
@@ -498,25 +516,16 @@ class KafkaPublisher:
 
         self.producer = Producer({"enable.idempotence": True, "linger.ms": 20, "compression.type": "lz4",
                                   **producer_config})
-        self.topics, self.schema_id, self.rate, self.progress = topics, schema_id, rate, progress
-        self.schema = fastavro.parse_schema(json.loads(bid_request_avro_schema()))
+        self.topics, self.rate, self.progress = topics, rate, progress
+        self.wire = WireFormat(schema_id)
         self.failed: list[str] = []
         self.sent = 0
-
-    def avro_body(self, record: dict) -> bytes:
-        buffer = io.BytesIO()
-        fastavro.schemaless_writer(buffer, self.schema, record)
-        return buffer.getvalue()
-
-    def wire_format(self, body: bytes, schema_id: int | None = None) -> bytes:
-        """SPEC §1.3: magic byte 0, the schema id as 4 big-endian bytes, then the Avro body."""
-        return b"\x00" + struct.pack(">I", self.schema_id if schema_id is None else schema_id) + body
 
     def _message(self, feed: str, record) -> tuple[bytes | None, bytes]:
         if feed == "bid_requests":
             if isinstance(record, bytes):  # already in the wire format (a broken message on purpose)
                 return None, record
-            return record["user"]["user_id"].encode(), self.wire_format(self.avro_body(record))
+            return record["user"]["user_id"].encode(), self.wire.frame(self.wire.avro_body(record))
         if feed == "impressions":
             try:
                 user = json.loads(record).get("user_id")

@@ -97,9 +97,9 @@ def kafka_offsets_lost(start_offset: str | None, end_offset: str | None, rows_re
     query read them, which Spark's ``failOnDataLoss = false`` passes over with a log line only.
     Partitions that appear for the first time (no start offset) are not counted.
     """
-    if not start_offset or not end_offset:
+    start, end = _offsets(start_offset), _offsets(end_offset)
+    if not start or not end:
         return 0
-    start, end = json.loads(start_offset), json.loads(end_offset)
     planned = 0
     for topic, partitions in end.items():
         for partition, until in partitions.items():
@@ -108,6 +108,15 @@ def kafka_offsets_lost(start_offset: str | None, end_offset: str | None, rows_re
                 return 0  # a new partition: its start is "earliest", which the progress does not say
             planned += until - since
     return max(0, planned - rows_read)
+
+
+def _offsets(text: str | None) -> dict:
+    """{topic: {partition: offset}} from a Kafka source's progress, or {} when it holds none yet."""
+    try:
+        offsets = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return offsets if isinstance(offsets, dict) else {}
 
 
 class KafkaDataLossListener(StreamingQueryListener):
@@ -124,7 +133,12 @@ class KafkaDataLossListener(StreamingQueryListener):
         pass
 
     def onQueryProgress(self, event) -> None:
-        progress = event.progress
+        try:
+            self._check(event.progress)
+        except Exception:  # noqa: BLE001 - a bug here must not take the listener bus down with it
+            log.exception("kafka data-loss check failed for one progress event")
+
+    def _check(self, progress) -> None:
         for source in progress.sources:
             if not source.description.startswith("KafkaV2"):
                 continue
