@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
-from advertisex import attribution, backfill, gold, lake
+from advertisex import attribution, backfill, gold, lake, monitoring
 from advertisex.attribution import Windows
 from advertisex.config import Settings
 
@@ -97,6 +97,7 @@ class GoldBatchWriter:
 
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
+        started_at = dt.datetime.now(dt.timezone.utc)
         spark = batch_df.sparkSession
         batch = batch_df.persist(StorageLevel.MEMORY_AND_DISK)
         try:
@@ -105,15 +106,22 @@ class GoldBatchWriter:
                              batch_id, ["event_date"])
             dates = sorted(r["event_date"] for r in batch.select("event_date").distinct().collect()
                            if r["event_date"] is not None)
-            found = candidates.count()
+            found, rows = candidates.count(), batch.count()
         finally:
             batch.unpersist()
         dates = affected_dates(dates)
         for first, last in date_runs(dates):
             backfill.rebuild(spark, self.settings, first, last, multi_touch=False,
                              candidates_of=lambda silver, since, last=last: read_candidates(spark, self.settings, since, last))
+        seconds = time.monotonic() - started
+        # One ops/metrics row per gold batch too: its end is when this batch's events reached gold.
+        lake.append_once(
+            monitoring.query_metrics_frame(spark, QUERY_NAME, self.query_id(), batch_id, started_at,
+                                           int(seconds * 1000), rows),
+            self.settings.table("ops/metrics"), f"{self.query_id()}:ops/metrics", batch_id,
+        )
         log.info("gold batch %d: %d new candidates, dates %s rebuilt in %.1f s", batch_id, found,
-                 ", ".join(d.isoformat() for d in dates) or "none", time.monotonic() - started)
+                 ", ".join(d.isoformat() for d in dates) or "none", seconds)
 
 
 def affected_dates(touched: list[dt.date]) -> list[dt.date]:

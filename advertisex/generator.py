@@ -252,6 +252,10 @@ class Generator:
             "clicks": {e["id"] for e in valid_events if e["type"] == "click"},
             "conversions": {e["id"] for e in valid_events if e["type"] == "conversion"},
             "bid_requests": {b["avro"]["auction_id"] for b in valid_bids},
+            # clicks gold counts (not IVT once attributed: no repeat, no click before its impression)
+            "counted_clicks": {c["id"] for c in _resolve_clicks(
+                [dict(e) for e in valid_events if e["type"] == "click"], [i for i in truth_imps if not i["ivt"]])
+                if not c["ivt"]},
         }
 
         os.makedirs(out, exist_ok=True)

@@ -77,6 +77,14 @@ def metrics_frame(spark: SparkSession, account: BatchAccount, query_name: str, q
     return spark.createDataFrame([row], METRICS_SCHEMA)
 
 
+def query_metrics_frame(spark: SparkSession, query_name: str, query_id: str, batch_id: int, started_at: dt.datetime,
+                        duration_ms: int, rows_in: int) -> DataFrame:
+    """The ops/metrics row of a query that is not a feed (the correlation query): feed ``gold``,
+    the accounting columns, which only feeds have, left NULL."""
+    row = (query_name, "gold", query_id, batch_id, started_at, duration_ms, rows_in, None, None, None, None, None)
+    return spark.createDataFrame([row], METRICS_SCHEMA)
+
+
 def status_line(account: BatchAccount, seconds: float) -> str:
     """One line per micro-batch; counts only, never a record's content."""
     rules = ", ".join(f"{rule}={n:,}" for rule, n in sorted(account.quarantine_by_rule.items()))

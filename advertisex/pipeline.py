@@ -309,7 +309,14 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
                 timings.update(ingestion=ingested - started, gold=time.monotonic() - ingested)
         else:
             queries.append(correlation.start(spark, settings, available_now=False))
+            # The dimension's first, availableNow pass has terminated already; without a reset
+            # awaitAnyTermination would return at once and stop everything.
+            spark.streams.resetTerminated()
             spark.streams.awaitAnyTermination()
+            for query in queries:
+                if not query.isActive:
+                    reason = str(query.exception()).splitlines()[0][:500] if query.exception() else "it stopped"
+                    log.error("query %s ended, stopping the others: %s", query.name, reason)
     finally:
         for query in queries:
             if query.isActive:

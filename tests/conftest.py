@@ -144,6 +144,17 @@ def kafka_conf_file(path, broker: KafkaBroker, prefix: str, landing: str, lake: 
     return str(path)
 
 
+def create_topics(settings: Settings, partitions: int = 3) -> None:
+    """The feed topics, made before a pipeline subscribes (Spark's source does not create them)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    kafka = settings.conf["kafka"]
+    admin = AdminClient({"bootstrap.servers": kafka["bootstrap_servers"]})
+    new = [NewTopic(topic, num_partitions=partitions, replication_factor=1) for topic in kafka["topics"].values()]
+    for future in admin.create_topics(new).values():
+        future.result(30)
+
+
 def publish(settings: Settings, out: str, options: GeneratorOptions, rate: float | None = None) -> Generator:
     """Generate ``options``' events and publish them to the settings' topics; the generator keeps the truth."""
     kafka = settings.conf["kafka"]

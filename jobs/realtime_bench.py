@@ -1,0 +1,294 @@
+"""The real-time half of jobs/benchmark.py (``--realtime``): Kafka against file drops, side by side.
+
+1. Capacity: the same generated events are published to Kafka and written as file drops; each is
+   drained with availableNow, and the raw ceiling of each source (spark.read -> Delta append, no
+   logic) is timed on the same events.
+2. Latency at a fixed rate: a continuous pipeline while events arrive at ``--rate`` per second,
+   from Kafka (the producer paces itself) and from files (one drop per feed per second). Latency is
+   from the moment an event was produced (Kafka's CreateTime; for files, the moment its file
+   appeared) to the commit of the micro-batch that put it in silver, and to the end of the first
+   gold micro-batch that started after that commit. The backlog (produced - ingested) is sampled
+   every 5 s.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from advertisex import pipeline
+from advertisex.config import Settings
+from advertisex.generator import Generator, GeneratorOptions, KafkaPublisher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEEDS = ("impressions", "clicks_conversions", "bid_requests")
+SILVER = ("impressions", "clicks", "conversions", "bid_requests")
+EVENTS_PER_IMPRESSION = 2.8  # all feeds, from the generator's default funnel
+
+
+class Broker:
+    """scripts/kafka.sh for the length of the benchmark, unless brokers were given."""
+
+    def __init__(self, work: str, bootstrap: str | None):
+        self.given = bootstrap
+        self.env = {**os.environ, "ADVX_KAFKA_DIR": os.path.join(work, "kafka"), "ADVX_KAFKA_PORT": "19192"}
+
+    @property
+    def bootstrap(self) -> str:
+        return self.given or "127.0.0.1:19192"
+
+    def __enter__(self):
+        if not self.given:
+            shutil.rmtree(self.env["ADVX_KAFKA_DIR"], ignore_errors=True)
+            subprocess.run([os.path.join(ROOT, "scripts", "kafka.sh"), "start"], env=self.env, check=True)
+        return self
+
+    def __exit__(self, *exc):
+        if not self.given:
+            subprocess.run([os.path.join(ROOT, "scripts", "kafka.sh"), "stop"], env=self.env, check=True)
+
+
+def _settings(base: Settings, source: str, landing: str, lake: str, bootstrap: str, prefix: str) -> Settings:
+    conf = copy.deepcopy(base.conf)
+    conf.update(source=source, landing=landing, lake=lake, checkpoints=None)
+    conf["kafka"]["bootstrap_servers"] = bootstrap
+    conf["kafka"]["topics"] = {feed: f"{prefix}.{feed}" for feed in FEEDS}
+    return dataclasses.replace(base, conf=conf)
+
+
+def _publisher(settings: Settings, rate: float | None) -> KafkaPublisher:
+    kafka = settings.conf["kafka"]
+    return KafkaPublisher({"bootstrap.servers": kafka["bootstrap_servers"]}, kafka["topics"],
+                          kafka["schema_registry_ids"][0], rate=rate)
+
+
+def kafka_ceiling(spark: SparkSession, settings: Settings, lake: str) -> float:
+    """spark.read of every message of the three topics, appended to Delta as they are."""
+    started = time.monotonic()
+    for feed, topic in settings.conf["kafka"]["topics"].items():
+        (spark.read.format("kafka").option("kafka.bootstrap.servers", settings.conf["kafka"]["bootstrap_servers"])
+         .option("subscribe", topic).option("startingOffsets", "earliest").load()
+         .write.format("delta").save(f"{lake}/{feed}"))
+    return time.monotonic() - started
+
+
+def capacity(spark: SparkSession, base: Settings, work: str, impressions: int, bootstrap: str, ceiling) -> list:
+    """Rows (name, seconds, events) of the availableNow drains and ceilings of both sources."""
+    options = GeneratorOptions(impressions=impressions, files_per_day=8)
+    files = _settings(base, "files", f"{work}/files/landing", f"{work}/files/lake", bootstrap, "cap")
+    kafka = _settings(base, "kafka", f"{work}/kafka/landing", f"{work}/kafka/lake", bootstrap, "cap")
+    manifest = Generator(options).generate(files.landing)
+    Generator(options).generate(kafka.landing, publisher=_publisher(kafka, None))
+    events = sum(manifest.input_records.values())
+    rows = []
+    ceiling(spark, files.landing, f"{work}/files/ceiling-warmup")
+    rows.append(("files: raw ceiling, spark.read -> Delta append", ceiling(spark, files.landing, f"{work}/files/ceiling"), events))
+    kafka_ceiling(spark, kafka, f"{work}/kafka/ceiling-warmup")
+    rows.append(("kafka: raw ceiling, spark.read -> Delta append", kafka_ceiling(spark, kafka, f"{work}/kafka/ceiling"), events))
+    for name, settings in (("files", files), ("kafka", kafka)):
+        timings: dict = {}
+        pipeline.run(spark, settings, available_now=True, timings=timings)
+        rows.append((f"{name}: pipeline, bronze + quarantine + silver (availableNow)", timings["ingestion"], events))
+        rows.append((f"{name}: pipeline, silver -> gold (availableNow)", timings["gold"], events))
+    return rows
+
+
+class _FileDropper:
+    """Moves pre-generated drops into the landing directory, one file per feed per second."""
+
+    def __init__(self, staged: str, landing: str):
+        self.staged, self.landing = staged, landing
+        self.dropped_at: dict[str, float] = {}  # file name -> epoch seconds it appeared
+        self.records = 0
+
+    def run(self) -> None:
+        files = [(name.split(".")[0], feed, name) for feed in FEEDS
+                 for name in os.listdir(os.path.join(self.staged, feed))]
+        slots = sorted({slot for slot, _, _ in files})
+        started = time.time()
+        for n, slot in enumerate(slots):
+            time.sleep(max(0.0, started + n - time.time()))
+            for _, feed, name in (f for f in files if f[0] == slot):
+                source = os.path.join(self.staged, feed, name)
+                self.records += _count_records(source, feed)
+                os.replace(source, os.path.join(self.landing, feed, name))
+                self.dropped_at[f"{feed}/{name}"] = time.time()
+
+
+def _count_records(path: str, feed: str) -> int:
+    if feed == "bid_requests":
+        import fastavro
+
+        with open(path, "rb") as fh:
+            return sum(1 for _ in fastavro.reader(fh))
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip()) - (feed == "clicks_conversions")
+
+
+def _ingested(spark: SparkSession, settings: Settings) -> int:
+    try:
+        metrics = spark.read.format("delta").load(settings.table("ops/metrics")).filter("feed != 'gold'")
+        return int(metrics.agg(F.sum("rows_in")).first()[0] or 0)
+    except Exception:  # noqa: BLE001 - the table appears with the first batch
+        return 0
+
+
+def _produced_at_kafka(spark: SparkSession, settings: Settings) -> DataFrame:
+    kafka = settings.conf["kafka"]
+    return (
+        spark.read.format("kafka").option("kafka.bootstrap.servers", kafka["bootstrap_servers"])
+        .option("subscribe", ",".join(kafka["topics"].values())).option("startingOffsets", "earliest").load()
+        .select(F.concat_ws("/", "topic", F.col("partition").cast("string"), F.col("offset").cast("string")).alias("source"),
+                F.col("timestamp").alias("produced_at"))
+    )
+
+
+def _produced_at_files(spark: SparkSession, dropper: _FileDropper) -> DataFrame:
+    rows = [(name, float(at)) for name, at in dropper.dropped_at.items()]
+    return (spark.createDataFrame(rows, "name string, at double")
+            .select("name", F.timestamp_seconds("at").alias("produced_at")))
+
+
+def latencies(spark: SparkSession, settings: Settings, produced: DataFrame, by_file: bool) -> dict:
+    """p50/p95/p99 seconds from production to silver commit and to gold, over every silver event."""
+    metrics = spark.read.format("delta").load(settings.table("ops/metrics"))
+    ends = F.col("batch_started_at") + F.make_dt_interval(secs=F.col("duration_ms") / 1000)
+    batches = metrics.filter("feed != 'gold'").select(
+        F.concat_ws(":", "query_id", F.col("batch_id").cast("string")).alias("ingest_batch"), ends.alias("silver_at"))
+    gold = [(r["started"], r["ended"]) for r in metrics.filter("feed = 'gold'")
+            .select(F.col("batch_started_at").alias("started"), ends.alias("ended")).collect()]
+    silver = None
+    for table in SILVER:
+        part = spark.read.format("delta").load(settings.table(f"silver/{table}")).select("source", "ingest_batch")
+        silver = part if silver is None else silver.unionByName(part)
+    if by_file:  # a file's events share its name; the path prefix differs by URI scheme
+        parts = F.split("source", "/")
+        silver = silver.withColumn("name", F.concat_ws("/", F.element_at(parts, -2), F.element_at(parts, -1)))
+        joined = silver.join(produced, "name", how="inner")
+    else:
+        joined = silver.join(produced, "source", how="inner")
+    joined = joined.join(batches, "ingest_batch", how="inner")
+    gold_batches = F.array(*[F.struct(F.lit(s).alias("started"), F.lit(e).alias("ended")) for s, e in gold])
+    # The first gold batch that started at least 1 s after the silver commit has surely seen it.
+    reached_gold = F.array_min(F.transform(
+        F.filter(gold_batches, lambda g: g["started"] >= F.col("silver_at") + F.expr("INTERVAL 1 SECOND")),
+        lambda g: g["ended"]))
+    seconds = joined.select(
+        (F.unix_micros("silver_at") - F.unix_micros("produced_at")).alias("to_silver"),
+        (F.unix_micros(reached_gold) - F.unix_micros("produced_at")).alias("to_gold"),
+    )
+    quantiles = F.lit([0.5, 0.95, 0.99])
+    row = seconds.agg(
+        F.count(F.lit(1)).alias("events"),
+        F.count("to_gold").alias("in_gold"),
+        F.percentile_approx("to_silver", quantiles, 10000).alias("silver"),
+        F.percentile_approx("to_gold", quantiles, 10000).alias("gold"),
+    ).first()
+    to_s = lambda values: [v / 1e6 for v in values] if values else [None] * 3  # noqa: E731
+    return {"events": row["events"], "in_gold": row["in_gold"], "silver": to_s(row["silver"]), "gold": to_s(row["gold"])}
+
+
+def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate: float, duration: int,
+               bootstrap: str) -> dict:
+    """A continuous pipeline fed at ``rate`` events/s for about ``duration`` s; latencies and backlog."""
+    impressions = int(rate * duration / EVENTS_PER_IMPRESSION)
+    root = f"{work}/rate-{source}"
+    shutil.rmtree(root, ignore_errors=True)
+    settings = _settings(base, source, f"{root}/landing", f"{root}/lake", bootstrap, f"rate{int(time.time())}")
+    days = max(1, duration // 60)  # one drop per feed per second: one file slot per second
+    options = GeneratorOptions(impressions=impressions, days=days, files_per_day=duration // days, gzip_every=0,
+                               corrupt_avro_files=0)
+    dropper = None
+    if source == "kafka":
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        for future in admin.create_topics([NewTopic(t, num_partitions=3, replication_factor=1)
+                                           for t in settings.conf["kafka"]["topics"].values()]).values():
+            future.result(30)
+        os.makedirs(settings.landing, exist_ok=True)
+        Generator(options)._write_creatives(settings.landing)
+        publisher = _publisher(settings, rate)
+        feed = threading.Thread(target=lambda: Generator(options).generate(f"{root}/truth", publisher=publisher))
+        produced = lambda: publisher.sent  # noqa: E731
+    else:
+        Generator(options).generate(f"{root}/staged")
+        os.makedirs(settings.landing, exist_ok=True)
+        shutil.move(f"{root}/staged/dims", f"{settings.landing}/dims")
+        for name in FEEDS:
+            os.makedirs(f"{settings.landing}/{name}", exist_ok=True)
+        dropper = _FileDropper(f"{root}/staged", settings.landing)
+        feed = threading.Thread(target=dropper.run)
+        produced = lambda: dropper.records  # noqa: E731
+
+    failure: list[BaseException] = []
+
+    def run_pipeline() -> None:
+        try:
+            pipeline.run(spark, settings, available_now=False)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failure.append(exc)
+
+    runner = threading.Thread(target=run_pipeline)
+    runner.start()
+    while len([q for q in spark.streams.active if q.name.startswith("advx_")]) < 4 and not failure:
+        time.sleep(1)  # the dimension and the feed queries are up: start the clock
+    started = time.monotonic()
+    feed.start()
+    backlog = []
+    while feed.is_alive() or _ingested(spark, settings) < produced():
+        time.sleep(5)
+        backlog.append((round(time.monotonic() - started), produced() - _ingested(spark, settings)))
+        if failure or time.monotonic() - started > duration * 10:
+            break
+    fed_for = time.monotonic() - started
+    time.sleep(3 * _seconds(settings.conf["streaming"]["trigger_interval"]) + 30)  # let gold catch up
+    for query in spark.streams.active:
+        query.stop()
+    runner.join()
+    if failure:
+        raise failure[0]
+    frame = _produced_at_kafka(spark, settings) if source == "kafka" else _produced_at_files(spark, dropper)
+    result = latencies(spark, settings, frame, by_file=source == "files")
+    result.update(source=source, produced=produced(), seconds=fed_for, backlog=backlog)
+    return result
+
+
+def _seconds(interval: str) -> float:
+    from advertisex.config import parse_interval
+
+    return parse_interval(interval).total_seconds()
+
+
+def report(capacity_rows: list, rate_results: list, rate: float) -> str:
+    lines = [f"{'run':<64} {'seconds':>8} {'events/s':>10}"]
+    for name, seconds, events in capacity_rows:
+        lines.append(f"{name:<64} {seconds:>8.1f} {events / seconds:>10,.0f}")
+    lines.append(f"\nfixed rate {rate:,.0f} events/s: latency in seconds (p50 / p95 / p99), backlog = produced - ingested")
+    for r in rate_results:
+        fmt = lambda v: " / ".join("-" if x is None else f"{x:.1f}" for x in v)  # noqa: E731
+        peak = max((b for _, b in r["backlog"]), default=0)
+        lines.append(f"{r['source']:<6} {r['produced']:>9,} events in {r['seconds']:.0f} s | produce->silver {fmt(r['silver'])}"
+                     f" | produce->gold {fmt(r['gold'])} ({r['in_gold']:,} of {r['events']:,} in gold)"
+                     f" | backlog peak {peak:,}, end {r['backlog'][-1][1] if r['backlog'] else 0:,}")
+        lines.append("       backlog every 5 s: " + ", ".join(f"{t}s:{b:,}" for t, b in r["backlog"]))
+    return "\n".join(lines)
+
+
+def main_realtime(spark: SparkSession, base: Settings, work: str, impressions: int, rate: float, duration: int,
+                  bootstrap: str | None, ceiling) -> None:
+    with Broker(work, bootstrap) as broker:
+        rows = capacity(spark, base, work, impressions, broker.bootstrap, ceiling)
+        results = [fixed_rate(spark, base, work, source, rate, duration, broker.bootstrap) for source in ("kafka", "files")]
+    text = report(rows, results, rate)
+    print("\n" + text)
+    with open(os.path.join(work, "realtime.json"), "w", encoding="utf-8") as fh:
+        json.dump({"capacity": rows, "fixed_rate": results}, fh, indent=2, default=str)
