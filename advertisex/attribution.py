@@ -56,6 +56,12 @@ class Windows:
         )
 
 
+    def lookahead(self) -> dt.timedelta:
+        """How far after a date the events that decide it may lie: the impression that makes a
+        bid a win, the impression a click names (a click before it is IVT)."""
+        return max(parse_interval(self.bid_request), parse_interval(self.named_impression_after_click))
+
+
 def interval(text: str) -> Column:
     return F.expr(f"INTERVAL {text}")
 

@@ -64,8 +64,14 @@ def rebuild(spark: SparkSession, settings: Settings, first: dt.date, last: dt.da
     """
     windows = Windows.from_conf(settings.conf)
     since = first - dt.timedelta(days=gold.lookback_days(windows))
-    silver = read_silver(spark, settings, since, last)
-    found = candidates_of(silver, since) if candidates_of else attribution.all_candidates(silver, windows)
+    if candidates_of:
+        silver = read_silver(spark, settings, since, last)
+        found = candidates_of(silver, since)
+    else:
+        # A bid at 23:59 wins with an impression at 00:01 the next day: the joins look past `last`.
+        until = last + dt.timedelta(days=gold.lookahead_days(windows))
+        silver = read_silver(spark, settings, since, until)
+        found = attribution.all_candidates(silver, windows)
     candidates = found.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         with gold.built(silver, candidates, windows, first, last, multi_touch=multi_touch) as tables:

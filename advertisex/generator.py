@@ -259,7 +259,7 @@ class Generator:
         }
 
         os.makedirs(out, exist_ok=True)
-        self._write_creatives(out)
+        self.write_creatives(out)
         if publisher is None:
             self._write_text(imps, "jsonl", header=None)
             self._write_text(events, "csv", header=CSV_HEADER)
@@ -434,7 +434,7 @@ class Generator:
             self._quarantine("bid_requests", rules)
 
     # -- writing --------------------------------------------------------------------------------
-    def _write_creatives(self, out: str) -> None:
+    def write_creatives(self, out: str) -> None:
         folder = os.path.join(out, "dims", "creatives")
         os.makedirs(folder, exist_ok=True)
         lines = ["creative_id,campaign_id,advertiser_id,format,width,height"]

@@ -37,6 +37,10 @@ def lookback_days(windows: Windows) -> int:
     return -(-windows.lookback() // dt.timedelta(days=1))
 
 
+def lookahead_days(windows: Windows) -> int:
+    return -(-windows.lookahead() // dt.timedelta(days=1))
+
+
 def _ratio(numerator: Column, denominator: Column, cast: str = "double") -> Column:
     return F.when(denominator != 0, (numerator / denominator).cast(cast))
 
@@ -265,7 +269,8 @@ def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows,
           multi_touch: bool = True) -> Iterator[dict[str, DataFrame]]:
     """Every gold table's rows for the event dates ``first`` to ``last``, as lazy frames.
 
-    ``silver`` holds the four event tables from ``lookback_days`` before ``first`` to ``last``;
+    ``silver`` holds the four event tables from ``lookback_days`` before ``first`` to ``last``
+    (the backfill: to ``lookahead_days`` after it);
     ``candidates`` the attribution candidates of those events (``attribution.CANDIDATE_COLUMNS``).
     The resolved events are cached while the caller writes the tables (each table reads them
     again), and released when the ``with`` block ends.

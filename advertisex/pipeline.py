@@ -251,7 +251,42 @@ def _feed_stream(spark: SparkSession, settings: Settings, feed: str) -> tuple[Da
     return sources.read_text_feed(spark, settings, feed), f"{checkpoints}/{feed}"
 
 
-def start_ingestion_queries(spark: SparkSession, settings: Settings, available_now: bool) -> list[StreamingQuery]:
+@dataclass
+class Supervised:
+    """A streaming query and how to start it again from its checkpoint."""
+
+    name: str
+    starter: Callable[[], StreamingQuery]
+    query: StreamingQuery | None = None
+    restarts: int = 0
+
+    def start(self) -> Supervised:
+        self.query = self.starter()
+        return self
+
+
+# Spark 4.1's Kafka source fails the first micro-batch a restarted query replays from its offset
+# log, after the batch is committed, while it reports progress (SPARK-55271: ``Some(null)`` in
+# KafkaMicroBatchStream.metrics; fixed in the 4.2 connector). The batch's writes and its commit
+# are done, so starting the query again from its checkpoint continues exactly where it was.
+_KAFKA_METRICS_NPE = 'because the return value of "scala.Option.get()" is null'
+MAX_RESTARTS = 5
+
+
+def restartable(supervised: Supervised) -> bool:
+    exc = supervised.query.exception() if supervised.query is not None else None
+    return (exc is not None and _KAFKA_METRICS_NPE in str(exc) and "IterableOps.map" in str(exc)
+            and supervised.restarts < MAX_RESTARTS)
+
+
+def restart(supervised: Supervised) -> None:
+    supervised.restarts += 1
+    log.warning("query %s hit SPARK-55271 after committing a replayed batch; restarting it from its checkpoint "
+                "(restart %d of at most %d)", supervised.name, supervised.restarts, MAX_RESTARTS)
+    supervised.start()
+
+
+def start_ingestion_queries(spark: SparkSession, settings: Settings, available_now: bool) -> list[Supervised]:
     """Load the dimension first (so impressions can be checked against it), then start every feed.
 
     The creatives dimension is a file drop under the landing directory whatever the feeds' source;
@@ -261,26 +296,65 @@ def start_ingestion_queries(spark: SparkSession, settings: Settings, available_n
     checkpoints = settings.checkpoints.rstrip("/")
     # Tables several queries write to must exist before they start, or the first commits race.
     lake.ensure_table(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
-    queries = []
+
+    def dim_query(once: bool) -> StreamingQuery:
+        return _start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
+                      DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, available_now=once)
+
+    def feed_query(feed: str) -> StreamingQuery:
+        stream, checkpoint = _feed_stream(spark, settings, feed)
+        handler = FeedBatchWriter(spark, settings, FEEDS[feed], f"advx_{feed}", privacy)
+        return _start(stream, f"advx_{feed}", handler, checkpoint, settings, available_now)
+
     if settings.landing is not None:
         sources.check_landing(settings)
-        dim_query = _start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
-                           DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, available_now=True)
-        dim_query.awaitTermination()
+        dim_query(once=True).awaitTermination()
+    queries: list[Supervised] = []
     try:
         if settings.landing is not None and not available_now:
-            queries.append(_start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
-                                  DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, False))
-        for feed, spec in FEEDS.items():
-            name = f"advx_{feed}"
-            stream, checkpoint = _feed_stream(spark, settings, feed)
-            handler = FeedBatchWriter(spark, settings, spec, name, privacy)
-            queries.append(_start(stream, name, handler, checkpoint, settings, available_now))
+            queries.append(Supervised("advx_dim_creatives", lambda: dim_query(once=False)).start())
+        for feed in FEEDS:
+            queries.append(Supervised(f"advx_{feed}", lambda feed=feed: feed_query(feed)).start())
     except Exception:
-        for query in queries:
-            query.stop()
+        for supervised in queries:
+            supervised.query.stop()
         raise
     return queries
+
+
+def _await_all(queries: list[Supervised]) -> None:
+    """availableNow: wait for every query, restarting one that hit SPARK-55271 (it resumes its run)."""
+    for supervised in queries:
+        while True:
+            try:
+                supervised.query.awaitTermination()
+            except Exception:  # noqa: BLE001 - the failure is in query.exception(), judged below
+                pass
+            if not restartable(supervised):
+                break
+            restart(supervised)
+
+
+def _await_any_failure(spark: SparkSession, queries: list[Supervised]) -> None:
+    """Continuous: run until a query ends for a reason other than SPARK-55271."""
+    while True:
+        # A query that terminated before (the dimension's first, availableNow pass; a restarted
+        # query's failed run) would make awaitAnyTermination return at once.
+        spark.streams.resetTerminated()
+        try:
+            spark.streams.awaitAnyTermination()
+        except Exception:  # noqa: BLE001 - judged per query below
+            pass
+        ended = [s for s in queries if not s.query.isActive]
+        if ended and all(restartable(s) for s in ended):
+            for supervised in ended:
+                restart(supervised)
+            continue
+        for supervised in ended:
+            exc = supervised.query.exception()
+            reason = str(exc).splitlines()[0][:500] if exc else "it stopped"
+            log.error("query %s ended, stopping the others: %s", supervised.name, reason)
+        return
 
 
 def run(spark: SparkSession, settings: Settings, available_now: bool, timings: dict | None = None) -> dict:
@@ -295,44 +369,39 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
     ensure_silver_tables(spark, settings, privacy_from(settings))
     loss = monitoring.KafkaDataLossListener()
     spark.streams.addListener(loss)
-    queries: list[StreamingQuery] = []
+    queries: list[Supervised] = []
+    run_ids: list[str] = []
     try:
         queries = start_ingestion_queries(spark, settings, available_now)
+        gold = Supervised(correlation.QUERY_NAME, lambda: correlation.start(spark, settings, available_now))
         if available_now:
-            for query in queries:
-                query.awaitTermination()
+            _await_all(queries)
             _raise_if_failed(queries)
             ingested = time.monotonic()
-            queries.append(correlation.start(spark, settings, available_now=True))
-            queries[-1].awaitTermination()
+            queries.append(gold.start())
+            _await_all([gold])
             if timings is not None:
                 timings.update(ingestion=ingested - started, gold=time.monotonic() - ingested)
         else:
-            queries.append(correlation.start(spark, settings, available_now=False))
-            # The dimension's first, availableNow pass has terminated already; without a reset
-            # awaitAnyTermination would return at once and stop everything.
-            spark.streams.resetTerminated()
-            spark.streams.awaitAnyTermination()
-            for query in queries:
-                if not query.isActive:
-                    reason = str(query.exception()).splitlines()[0][:500] if query.exception() else "it stopped"
-                    log.error("query %s ended, stopping the others: %s", query.name, reason)
+            queries.append(gold.start())
+            _await_any_failure(spark, queries)
     finally:
-        for query in queries:
-            if query.isActive:
-                query.stop()
-        loss.wait_for([str(q.id) for q in queries])
+        for supervised in queries:
+            if supervised.query.isActive:
+                supervised.query.stop()
+            run_ids.append(str(supervised.query.id))
+        loss.wait_for(run_ids)
         spark.streams.removeListener(loss)
     _raise_if_failed(queries)
-    gold_query = next(q for q in queries if q.name == correlation.QUERY_NAME)
-    dropped = correlation.dropped_by_watermark(gold_query)
+    dropped = correlation.dropped_by_watermark(gold.query)
     if dropped:
         log.warning("correlation: %d rows arrived after the watermark and were not joined by the stream; "
                     "backfill their dates for exact gold", dropped)
     return {"kafka_offsets_lost": dict(loss.lost), "dropped_by_watermark": dropped}
 
 
-def _raise_if_failed(queries: list[StreamingQuery]) -> None:
-    failed = [q.name for q in queries if q.exception() is not None]
+def _raise_if_failed(queries: list[Supervised]) -> None:
+    failed = [f"{s.name} ({str(s.query.exception()).splitlines()[0][:300]})"
+              for s in queries if s.query.exception() is not None]
     if failed:
-        raise RuntimeError(f"streaming queries failed: {', '.join(failed)}")
+        raise RuntimeError(f"streaming queries failed: {'; '.join(failed)}")

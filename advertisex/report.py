@@ -47,7 +47,8 @@ def build(spark: SparkSession, settings: Settings, top: int = 5) -> Report:
     duplicates = {}
     metrics = _table(spark, settings, "ops/metrics")
     if metrics is not None:
-        for r in metrics.filter("feed != 'gold'").groupBy("feed").agg(F.sum("duplicates_dropped").alias("d")).orderBy("feed").collect():
+        feeds = metrics.filter("feed != 'gold'")  # the correlation query's rows carry no accounting
+        for r in feeds.groupBy("feed").agg(F.sum("duplicates_dropped").alias("d")).orderBy("feed").collect():
             duplicates[r["feed"]] = int(r["d"] or 0)
     top_campaigns = []
     impressions = _table(spark, settings, "silver/impressions")

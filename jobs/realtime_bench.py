@@ -90,7 +90,8 @@ def capacity(spark: SparkSession, base: Settings, work: str, impressions: int, b
     events = sum(manifest.input_records.values())
     rows = []
     ceiling(spark, files.landing, f"{work}/files/ceiling-warmup")
-    rows.append(("files: raw ceiling, spark.read -> Delta append", ceiling(spark, files.landing, f"{work}/files/ceiling"), events))
+    files_ceiling = ceiling(spark, files.landing, f"{work}/files/ceiling")
+    rows.append(("files: raw ceiling, spark.read -> Delta append", files_ceiling, events))
     kafka_ceiling(spark, kafka, f"{work}/kafka/ceiling-warmup")
     rows.append(("kafka: raw ceiling, spark.read -> Delta append", kafka_ceiling(spark, kafka, f"{work}/kafka/ceiling"), events))
     for name, settings in (("files", files), ("kafka", kafka)):
@@ -215,7 +216,7 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
                                            for t in settings.conf["kafka"]["topics"].values()]).values():
             future.result(30)
         os.makedirs(settings.landing, exist_ok=True)
-        Generator(options)._write_creatives(settings.landing)
+        Generator(options).write_creatives(settings.landing)
         publisher = _publisher(settings, rate)
         feed = threading.Thread(target=lambda: Generator(options).generate(f"{root}/truth", publisher=publisher))
         produced = lambda: publisher.sent  # noqa: E731

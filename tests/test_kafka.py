@@ -118,7 +118,7 @@ def test_offsets_gone_from_kafka_are_counted_and_the_stream_goes_on(spark, kafka
     conf = kafka_conf_file(tmp_path / "conf.yaml", kafka_broker, "loss", str(tmp_path / "landing"),
                            str(tmp_path / "lake"), fail_on_data_loss=False)
     settings = load_conf(conf)
-    Generator(GeneratorOptions(impressions=10))._write_creatives(str(tmp_path / "landing"))
+    Generator(GeneratorOptions(impressions=10)).write_creatives(str(tmp_path / "landing"))
     admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
     topics = settings.conf["kafka"]["topics"]
     topic = topics["impressions"]

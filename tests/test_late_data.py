@@ -71,3 +71,25 @@ def test_a_join_partner_behind_the_watermark_is_counted_and_the_backfill_restore
     daily = read_table(spark, settings, "gold/campaign_performance_daily").select(
         "impressions", "clicks", "attributed_clicks", F.col("spend").cast("double").alias("spend"))
     assert_df_equality(daily, spark.createDataFrame([(3, 2, 1, 0.007)], daily.schema), ignore_nullable=True)
+
+
+def test_the_backfill_of_one_day_sees_the_next_day_a_win_or_a_click_depends_on(spark, tmp_path):
+    """A bid at 23:59 won by an impression at 00:01, and a click at 23:59 naming an impression
+    stamped 00:30 (click before impression): backfilling the first day alone must see both."""
+    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    pipeline.ensure_silver_tables(spark, settings, pipeline.privacy_from(settings))
+    next_day = DAY + dt.timedelta(days=1)
+    append_silver(spark, settings, "bid_requests", [
+        {"auction_id": "a1", "event_time": at(23, 59), "event_hour": 23, "has_bid": True, "bid_campaign_id": "c1"}])
+    append_silver(spark, settings, "impressions", [
+        {"impression_id": "i-won", "event_time": dt.datetime(2026, 11, 17, 0, 1), "event_date": next_day, "event_hour": 0,
+         "user_key": "u1", "auction_id": "a1", "cost": Decimal("0.002")},
+        {"impression_id": "i-after", "event_time": dt.datetime(2026, 11, 17, 0, 30), "event_date": next_day,
+         "event_hour": 0, "user_key": "u2", "cost": Decimal("0.002")}])
+    append_silver(spark, settings, "clicks", [
+        {"event_id": "k-early", "event_time": at(23, 59), "event_hour": 23, "user_key": "u2", "impression_id": "i-after"}])
+
+    backfill.run(spark, settings, DAY, DAY, progress=False)
+    daily = read_table(spark, settings, "gold/campaign_performance_daily").select(
+        "event_date", "bids", "wins", "clicks", "ivt_clicks")
+    assert_df_equality(daily, spark.createDataFrame([(DAY, 1, 1, 0, 1)], daily.schema), ignore_nullable=True)
