@@ -6,6 +6,7 @@ session conf, set here on the micro-batch's own session so concurrent queries do
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from contextlib import contextmanager
@@ -27,6 +28,21 @@ CONFLICTS = (
     ConcurrentTransactionException, ConcurrentWriteException, DeltaConcurrentModificationException,
     MetadataChangedException,
 )
+# The Java classes behind them: a conflict raised from a DeltaTable (MERGE, OPTIMIZE) reaches Python
+# as a plain Py4JJavaError in this pyspark/delta pair, not converted to the classes above.
+_CONFLICT_CLASS_NAMES = {cls.__name__ for cls in CONFLICTS} | {"ProtocolChangedException"}
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """True for a Delta optimistic-concurrency conflict, however it reached Python."""
+    if isinstance(exc, CONFLICTS):
+        return True
+    java = getattr(exc, "java_exception", None)
+    name = java.getClass().getName() if java is not None else ""
+    return name.startswith("io.delta.exceptions.") and name.rsplit(".", 1)[-1] in _CONFLICT_CLASS_NAMES
+
+
+log = logging.getLogger("advertisex")
 _TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 
@@ -82,11 +98,14 @@ def insert_new_rows(df: DataFrame, path: str, key: str, app_id: str, version: in
                 )
                 rows = result.collect()  # one row of commit metrics, or none when Delta skipped the replay
             return int(rows[0]["num_inserted_rows"]) if rows else None
-        except CONFLICTS:
+        except Exception as exc:
+            if not is_conflict(exc):
+                raise
             # An OPTIMIZE (or another maintenance job) rewrote files this MERGE read. Reading again
             # is safe: the transaction id still makes a committed attempt a no-op.
             if attempt == retries:
                 raise
+            log.warning("%s: MERGE lost to a concurrent commit (%s); retry %d", path, type(exc).__name__, attempt + 1)
             backoff(attempt)
     raise AssertionError("unreachable")
 
@@ -114,8 +133,8 @@ def replace_where(df: DataFrame, path: str, predicate: str, partition_by: list[s
                 .save(path)
             )
             return
-        except CONFLICTS as exc:
-            if attempt == retries:
+        except Exception as exc:
+            if not is_conflict(exc) or attempt == retries:
                 raise
             if on_retry is not None:
                 on_retry(attempt + 1, exc)

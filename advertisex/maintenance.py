@@ -27,8 +27,8 @@ def optimize(spark: SparkSession, path: str, where: str | None = None, retries: 
             result = {"files_added": int(metrics[0]), "files_removed": int(metrics[1])}
             log.info("optimize %s: %d files compacted into %d", path, result["files_removed"], result["files_added"])
             return result
-        except lake.CONFLICTS:
-            if attempt == retries:
+        except Exception as exc:
+            if not lake.is_conflict(exc) or attempt == retries:
                 raise
             log.warning("optimize %s: conflicted with a concurrent write; retrying", path)
             lake.backoff(attempt)
