@@ -242,8 +242,10 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
     runner.start()
     while len([q for q in spark.streams.active if q.name.startswith("advx_")]) < 4 and not failure:
         time.sleep(1)  # the dimension and the feed queries are up: start the clock
-    started = time.monotonic()
     feed.start()
+    while produced() == 0 and feed.is_alive() and not failure:
+        time.sleep(0.2)  # the Kafka producer generates its events first: start the clock at the first one sent
+    started = time.monotonic()
     backlog = []
     while feed.is_alive() or _ingested(spark, settings) < produced():
         time.sleep(5)
