@@ -192,3 +192,59 @@ def watermark_drops(dropped: int, rows_in: int, conf: dict) -> Alert | None:
     """Rows the correlation's watermark dropped above ``max_watermark_drop_ratio`` of its input."""
     return _rate_alert("dropped_by_watermark", dropped, rows_in, conf["max_watermark_drop_ratio"],
                        conf["min_rows_for_ratio"], "gold", None, "join rows dropped by the watermark")
+
+
+# -- alert lifecycle ------------------------------------------------------------------------------
+
+@dataclass
+class AlertBook:
+    """Open alerts by key. A condition that keeps firing stays one open alert (its repeats are
+    suppressed); when it stops firing it resolves. ``update`` says what changed."""
+
+    open: dict[tuple, tuple[Alert, str]]
+
+    def __init__(self):
+        self.open = {}
+
+    def update(self, firing: Sequence[Alert], now: str, checked: set[tuple] | None = None
+               ) -> tuple[list[Alert], list[tuple[Alert, str]]]:
+        """(newly firing alerts, (resolved alert, when it started) pairs).
+
+        ``checked`` limits resolution to the keys whose detectors ran this time (a detector that
+        did not run, e.g. for lack of history, does not resolve its alert); None means all.
+        """
+        new = []
+        current = {alert.key: alert for alert in firing}
+        for key, alert in current.items():
+            if key not in self.open:
+                self.open[key] = (alert, now)
+                new.append(alert)
+        resolved = []
+        for key in list(self.open):
+            if key not in current and (checked is None or key in checked):
+                resolved.append(self.open.pop(key))
+        return new, resolved
+
+
+def alertmanager_payload(alert: Alert, status: str, starts_at: str, ends_at: str | None = None) -> list[dict]:
+    """The body Alertmanager's POST /api/v2/alerts accepts (a list of alerts)."""
+    labels = {"alertname": alert.rule, "severity": alert.severity, "service": "advertisex-lakehouse"}
+    if alert.feed:
+        labels["feed"] = alert.feed
+    if alert.campaign:
+        labels["campaign"] = alert.campaign
+    body = {
+        "labels": labels,
+        "annotations": {"summary": alert.message, "observed": f"{alert.observed:g}",
+                        "baseline": "" if alert.baseline is None else f"{alert.baseline:g}"},
+        "startsAt": starts_at,
+    }
+    if status == "resolved" and ends_at:
+        body["endsAt"] = ends_at
+    return [body]
+
+
+def slack_payload(alert: Alert, status: str) -> dict:
+    """A Slack incoming-webhook message (``text``), which Slack-compatible receivers also accept."""
+    icon = {"firing": ":rotating_light:" if alert.severity == CRITICAL else ":warning:", "resolved": ":white_check_mark:"}
+    return {"text": f"{icon[status]} [{status.upper()}] {alert.rule} ({alert.severity}) {alert.message}"}

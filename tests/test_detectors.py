@@ -112,3 +112,30 @@ def test_alert_key_ignores_the_values():
     a = d.kafka_data_loss(50, "impressions")
     b = d.kafka_data_loss(70, "impressions")
     assert a.key == b.key == ("kafka_data_loss", "impressions", None)
+
+
+def test_an_open_alert_is_not_repeated_and_resolves_when_the_condition_clears():
+    book = d.AlertBook()
+    loss = d.kafka_data_loss(50, "impressions")
+    stale = d.stale_feed(400, CONF, "clicks_conversions")
+    assert book.update([loss], "t1") == ([loss], [])
+    assert book.update([d.kafka_data_loss(70, "impressions"), stale], "t2") == ([stale], [])  # loss still open
+    # The stale-feed detector did not run this time: its alert stays open; the loss cleared.
+    assert book.update([], "t3", checked={loss.key}) == ([], [(loss, "t1")])
+    assert book.update([], "t4") == ([], [(stale, "t2")])
+    assert book.open == {}
+
+
+def test_webhook_bodies_for_alertmanager_and_slack():
+    alert = d.ctr_jump([0.02] * 5, 150, 1000, CONF, "cmp-0003")
+    assert d.alertmanager_payload(alert, "firing", "2026-11-25T10:00:00Z") == [{
+        "labels": {"alertname": "ctr_jump", "severity": "critical", "service": "advertisex-lakehouse",
+                   "feed": "clicks_conversions", "campaign": "cmp-0003"},
+        "annotations": {"summary": "cmp-0003: CTR 15.00% against its baseline 2.00%", "observed": "0.15",
+                        "baseline": "0.02"},
+        "startsAt": "2026-11-25T10:00:00Z",
+    }]
+    resolved = d.alertmanager_payload(alert, "resolved", "2026-11-25T10:00:00Z", "2026-11-25T10:05:00Z")
+    assert resolved[0]["endsAt"] == "2026-11-25T10:05:00Z"
+    assert d.slack_payload(alert, "firing") == {
+        "text": ":rotating_light: [FIRING] ctr_jump (critical) cmp-0003: CTR 15.00% against its baseline 2.00%"}
