@@ -23,6 +23,7 @@ setup(
         "ua-parser-rs==0.1.5",
         "iptocc==3.3.170",
         "confluent-kafka==2.16.1",
+        "prometheus-client==0.26.0",
     ],
     extras_require={
         "notebooks": ["matplotlib==3.11.2"],

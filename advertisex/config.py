@@ -82,6 +82,9 @@ def _check(conf: dict) -> None:
     for key, value in intervals.items():
         if not _INTERVAL.match(str(value)):
             raise ConfigError(f"conf key '{key}' must look like '10 seconds', got {value!r}")
+    port = conf["monitoring"]["prometheus_port"]
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
+        raise ConfigError(f"conf key 'monitoring.prometheus_port' must be a port number or null, got {port!r}")
     kafka = conf["kafka"]
     if set(kafka["topics"]) != set(FEEDS) or not all(isinstance(t, str) and t for t in kafka["topics"].values()):
         raise ConfigError(f"conf key 'kafka.topics' must name a topic for each of {', '.join(FEEDS)}")

@@ -369,6 +369,11 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
     ensure_silver_tables(spark, settings, privacy_from(settings))
     loss = monitoring.KafkaDataLossListener()
     spark.streams.addListener(loss)
+    metrics = monitoring.PrometheusListener()
+    spark.streams.addListener(metrics)
+    monitoring_conf = settings.conf["monitoring"]
+    endpoint = (metrics.serve(monitoring_conf["prometheus_port"], monitoring_conf["prometheus_host"])
+                if monitoring_conf["prometheus_port"] else None)
     queries: list[Supervised] = []
     run_ids: list[str] = []
     try:
@@ -392,12 +397,15 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
             run_ids.append(str(supervised.query.id))
         loss.wait_for(run_ids)
         spark.streams.removeListener(loss)
+        spark.streams.removeListener(metrics)
+        if endpoint is not None:
+            endpoint.shutdown()
     _raise_if_failed(queries)
     dropped = correlation.dropped_by_watermark(gold.query)
     if dropped:
         log.warning("correlation: %d rows arrived after the watermark and were not joined by the stream; "
                     "backfill their dates for exact gold", dropped)
-    return {"kafka_offsets_lost": dict(loss.lost), "dropped_by_watermark": dropped}
+    return {"kafka_offsets_lost": dict(loss.lost), "dropped_by_watermark": dropped, "metrics": metrics.registry}
 
 
 def _raise_if_failed(queries: list[Supervised]) -> None:

@@ -1,0 +1,70 @@
+"""The pipeline's metrics as Prometheus sees them: served over HTTP while the queries run."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import shutil
+import threading
+import time
+import urllib.request
+
+from chispa import assert_df_equality
+from prometheus_client.parser import text_string_to_metric_families
+
+from advertisex import pipeline
+from conftest import SAMPLES, _free_port_block, settings_for
+
+
+def test_the_pipeline_serves_per_query_metrics_while_it_runs(spark, tmp_path):
+    landing = tmp_path / "landing"
+    for feed, name in [("impressions", "impressions.jsonl"), ("clicks_conversions", "clicks_conversions.csv"),
+                       ("bid_requests", "bid_requests.avro"), ("dims/creatives", "creatives.csv")]:
+        (landing / feed).mkdir(parents=True)
+        shutil.copy(os.path.join(SAMPLES, name), landing / feed / name)
+    settings = settings_for(str(landing), str(tmp_path / "lake"))
+    settings = dataclasses.replace(settings, conf=copy.deepcopy(settings.conf))
+    port = _free_port_block(1)
+    settings.conf["monitoring"]["prometheus_port"] = port
+
+    scraped: list[str] = []
+    running = threading.Event()
+    running.set()
+
+    def scrape() -> None:  # what a Prometheus server would do, every 200 ms
+        while running.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    scraped.append(response.read().decode())
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        result = pipeline.run(spark, settings, available_now=True)
+    finally:
+        running.clear()
+        scraper.join()
+
+    def input_rows(text: str) -> dict[str, float]:
+        return {s.labels["query"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "advx_query_input_rows_total"}
+
+    # The samples' README: 6 impressions, 8 clicks/conversions plus the CSV header line the source
+    # reads too; the bid-request query reads the names of new files (1) and decodes them per batch.
+    final = input_rows(text_from(result["metrics"]))
+    feeds = ("advx_bid_requests", "advx_clicks_conversions", "advx_impressions")
+    actual = spark.createDataFrame(sorted((q, final.get(q)) for q in feeds), "query string, rows double")
+    expected = spark.createDataFrame([("advx_bid_requests", 1.0), ("advx_clicks_conversions", 9.0),
+                                      ("advx_impressions", 6.0)], actual.schema)
+    assert_df_equality(actual, expected)
+    assert final["advx_gold"] > 0
+    assert any(input_rows(text).get("advx_impressions") == 6.0 for text in scraped), "never scraped over HTTP"
+
+
+def text_from(registry) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()
