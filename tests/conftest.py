@@ -44,15 +44,20 @@ def run_pipeline(spark, settings: Settings) -> None:
     pipeline.run(spark, settings, available_now=True)
 
 
+def drop_samples(landing) -> None:
+    """The contract samples as file drops under ``landing`` (a pathlib.Path)."""
+    for feed, name in [("impressions", "impressions.jsonl"), ("clicks_conversions", "clicks_conversions.csv"),
+                       ("bid_requests", "bid_requests.avro"), ("dims/creatives", "creatives.csv")]:
+        (landing / feed).mkdir(parents=True)
+        shutil.copy(os.path.join(SAMPLES, name), landing / feed / name)
+
+
 @pytest.fixture(scope="session")
 def samples_lake(spark, tmp_path_factory) -> Settings:
     """The contract samples, dropped as files and run through the pipeline once."""
     base = tmp_path_factory.mktemp("samples")
     landing = base / "landing"
-    for feed, name in [("impressions", "impressions.jsonl"), ("clicks_conversions", "clicks_conversions.csv"),
-                       ("bid_requests", "bid_requests.avro"), ("dims/creatives", "creatives.csv")]:
-        (landing / feed).mkdir(parents=True)
-        shutil.copy(os.path.join(SAMPLES, name), landing / feed / name)
+    drop_samples(landing)
     settings = settings_for(str(landing), str(base / "lake"))
     run_pipeline(spark, settings)
     return settings

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import shutil
 import threading
 import time
 import urllib.request
@@ -13,15 +11,12 @@ from chispa import assert_df_equality
 from prometheus_client.parser import text_string_to_metric_families
 
 from advertisex import pipeline
-from conftest import SAMPLES, _free_port_block, settings_for
+from conftest import _free_port_block, drop_samples, settings_for
 
 
 def test_the_pipeline_serves_per_query_metrics_while_it_runs(spark, tmp_path):
     landing = tmp_path / "landing"
-    for feed, name in [("impressions", "impressions.jsonl"), ("clicks_conversions", "clicks_conversions.csv"),
-                       ("bid_requests", "bid_requests.avro"), ("dims/creatives", "creatives.csv")]:
-        (landing / feed).mkdir(parents=True)
-        shutil.copy(os.path.join(SAMPLES, name), landing / feed / name)
+    drop_samples(landing)
     settings = settings_for(str(landing), str(tmp_path / "lake"))
     settings = dataclasses.replace(settings, conf=copy.deepcopy(settings.conf))
     port = _free_port_block(1)
