@@ -162,12 +162,13 @@ class KafkaDataLossListener(StreamingQueryListener):
         pass
 
     def onQueryTerminated(self, event) -> None:
-        self.terminated.add(str(event.id))
+        self.terminated.add(str(event.runId))
 
-    def wait_for(self, query_ids: list[str], timeout: float = 10.0) -> None:
-        """Wait until the listener has seen these queries end (so it has seen all their progress)."""
+    def wait_for(self, run_ids: list[str], timeout: float = 10.0) -> None:
+        """Wait until the listener has seen these query runs end (so it has seen all their progress).
+        Runs, not queries: a restarted query keeps its id and gets a new run id."""
         deadline = time.monotonic() + timeout
-        while not set(query_ids) <= self.terminated and time.monotonic() < deadline:
+        while not set(run_ids) <= self.terminated and time.monotonic() < deadline:
             time.sleep(0.05)
 
 

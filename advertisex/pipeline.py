@@ -394,7 +394,7 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
         for supervised in queries:
             if supervised.query.isActive:
                 supervised.query.stop()
-            run_ids.append(str(supervised.query.id))
+            run_ids.append(str(supervised.query.runId))
         loss.wait_for(run_ids)
         spark.streams.removeListener(loss)
         spark.streams.removeListener(metrics)
