@@ -85,6 +85,14 @@ def _check(conf: dict) -> None:
     port = conf["monitoring"]["prometheus_port"]
     if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
         raise ConfigError(f"conf key 'monitoring.prometheus_port' must be a port number or null, got {port!r}")
+    for number, hook in enumerate(conf["monitoring"]["alerting"]["webhooks"] or []):
+        if not isinstance(hook, dict) or not isinstance(hook.get("url"), str) or hook.get("format") not in (
+                "slack", "alertmanager"):
+            raise ConfigError(f"conf key 'monitoring.alerting.webhooks[{number}]' must be {{url: ..., format: "
+                              f"slack|alertmanager}}, got {hook!r}")
+    for name, value in conf["monitoring"]["detectors"].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"conf key 'monitoring.detectors.{name}' must be a non-negative number, got {value!r}")
     kafka = conf["kafka"]
     if set(kafka["topics"]) != set(FEEDS) or not all(isinstance(t, str) and t for t in kafka["topics"].values()):
         raise ConfigError(f"conf key 'kafka.topics' must name a topic for each of {', '.join(FEEDS)}")

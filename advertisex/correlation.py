@@ -85,9 +85,10 @@ def read_candidates(spark: SparkSession, settings: Settings, first: dt.date, las
 class GoldBatchWriter:
     """foreachBatch of the correlation query: keep the candidates, rebuild the touched dates."""
 
-    def __init__(self, spark: SparkSession, settings: Settings):
+    def __init__(self, spark: SparkSession, settings: Settings, monitor=None):
         self.spark = spark  # the session that started the query (a batch's session lists no queries)
         self.settings = settings
+        self.monitor = monitor
         self._query_id: str | None = None
 
     def query_id(self) -> str:
@@ -113,15 +114,33 @@ class GoldBatchWriter:
         for first, last in date_runs(dates):
             backfill.rebuild(spark, self.settings, first, last, multi_touch=False,
                              candidates_of=lambda silver, since, last=last: read_candidates(spark, self.settings, since, last))
+        figures = day_figures(spark, self.settings, dates[-1]) if dates else {}
         seconds = time.monotonic() - started
         # One ops/metrics row per gold batch too: its end is when this batch's events reached gold.
         lake.append_once(
             monitoring.query_metrics_frame(spark, QUERY_NAME, self.query_id(), batch_id, started_at,
-                                           int(seconds * 1000), rows),
+                                           int(seconds * 1000), rows, figures or None),
             self.settings.table("ops/metrics"), f"{self.query_id()}:ops/metrics", batch_id,
         )
+        if self.monitor is not None and figures:
+            self.monitor.gold_batch(figures)
         log.info("gold batch %d: %d new candidates, dates %s rebuilt in %.1f s", batch_id, found,
                  ", ".join(d.isoformat() for d in dates) or "none", seconds)
+
+
+_DAY_FIGURES = ("impressions", "clicks", "attributed_clicks", "conversions")
+
+
+def day_figures(spark: SparkSession, settings: Settings, day: dt.date) -> dict[str, dict[str, int]]:
+    """The cross-feed checks' input after a gold batch: each campaign's counts on ``day`` from
+    campaign_performance_daily, as {"gold:<column>": {campaign: n}} (one partition, a row per campaign)."""
+    rows = (
+        spark.read.format("delta").load(settings.table("gold/campaign_performance_daily"))
+        .filter(F.col("event_date") == F.lit(day))
+        .select("campaign_id", *_DAY_FIGURES)
+        .collect()
+    )
+    return {f"gold:{name}": {r["campaign_id"]: int(r[name] or 0) for r in rows} for name in _DAY_FIGURES}
 
 
 def affected_dates(touched: list[dt.date]) -> list[dt.date]:
@@ -154,13 +173,14 @@ def ensure_tables(spark: SparkSession, settings: Settings) -> None:
         lake.ensure_table(spark, spark.createDataFrame([], CANDIDATE_SCHEMA), path, ["event_date"])
 
 
-def start(spark: SparkSession, settings: Settings, available_now: bool, checkpoint: str | None = None) -> StreamingQuery:
+def start(spark: SparkSession, settings: Settings, available_now: bool, checkpoint: str | None = None,
+          monitor=None) -> StreamingQuery:
     ensure_tables(spark, settings)
     writer = (
         correlation_stream(spark, settings).writeStream
         .queryName(QUERY_NAME)
         .option("checkpointLocation", checkpoint or f"{settings.checkpoints.rstrip('/')}/gold")
-        .foreachBatch(GoldBatchWriter(spark, settings))
+        .foreachBatch(GoldBatchWriter(spark, settings, monitor))
     )
     if available_now:
         writer = writer.trigger(availableNow=True)

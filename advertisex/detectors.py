@@ -46,15 +46,19 @@ def _robust_sigma(values: Sequence[float]) -> float:
 
 
 def volume(series: Sequence[float], conf: dict, feed: str, campaign: str | None = None) -> Alert | None:
-    """A spike or a drop of the newest value against the EWMA of the values before it.
+    """A spike or a drop of the newest rate (records per second) against a baseline of the ones before.
 
+    The baseline is an EWMA of the history with each value first clipped into the history's own
+    band, so one spike does not lift the baseline and make the next normal batch look like a drop.
     The band is ``z`` robust standard deviations (MAD), but never narrower than ``min_relative``
-    of the baseline: a perfectly steady history must not turn a 1 % wobble into an alert.
+    of the centre: a perfectly steady history must not turn a 1 % wobble into an alert.
     """
     history, latest = list(series[:-1]), series[-1] if series else None
     if latest is None or len(history) < conf["min_history"]:
         return None
-    baseline = ewma(history, conf["ewma_alpha"])
+    centre = statistics.median(history)
+    clip = max(conf["z"] * _robust_sigma(history), conf["min_relative"] * abs(centre), 1.0)
+    baseline = ewma([min(max(v, centre - clip), centre + clip) for v in history], conf["ewma_alpha"])
     band = max(conf["z"] * _robust_sigma(history), conf["min_relative"] * abs(baseline), 1.0)
     if abs(latest - baseline) <= band:
         return None
@@ -62,7 +66,7 @@ def volume(series: Sequence[float], conf: dict, feed: str, campaign: str | None 
     severity = CRITICAL if latest == 0 or abs(latest - baseline) > 2 * band else WARNING
     where = f"{feed}" + (f"/{campaign}" if campaign else "")
     return Alert(rule, severity, feed, campaign, float(latest), float(baseline),
-                 f"{where}: {latest:,.0f} rows in the last batch against a baseline of {baseline:,.0f}")
+                 f"{where}: {latest:,.1f} records/s against a baseline of {baseline:,.1f}/s")
 
 
 def stale_feed(seconds_since_data: float, conf: dict, feed: str) -> Alert | None:
@@ -85,10 +89,14 @@ def event_time_lag(lag_seconds: float, conf: dict, feed: str) -> Alert | None:
 
 def falling_behind(input_rates: Sequence[float], processed_rates: Sequence[float], conf: dict,
                    feed: str) -> Alert | None:
-    """Processing slower than input for the last ``behind_batches`` batches in a row."""
+    """Processing below ``behind_ratio`` of the input rate for the last ``behind_batches`` batches in a row.
+
+    A query that is merely busy runs its batches back to back, and its two rates then differ by
+    the noise in batch durations; only a clear gap, batch after batch, means a growing backlog.
+    """
     n = conf["behind_batches"]
     pairs = list(zip(input_rates, processed_rates, strict=True))[-n:]
-    if len(pairs) < n or not all(processed < arrived for arrived, processed in pairs):
+    if len(pairs) < n or not all(processed < arrived * conf["behind_ratio"] for arrived, processed in pairs):
         return None
     arrived, processed = pairs[-1]
     return Alert("falling_behind", WARNING, feed, None, float(processed), float(arrived),
@@ -181,7 +189,7 @@ def ctr_jump(history: Sequence[float], clicks: int, impressions: int, conf: dict
 
 
 def kafka_data_loss(lost_offsets: int, feed: str) -> Alert | None:
-    """Any offset Kafka deleted before the pipeline read it (see monitoring.KafkaDataLossListener)."""
+    """Any offset Kafka deleted before the pipeline read it (see monitoring.QueryListener)."""
     if lost_offsets <= 0:
         return None
     return Alert("kafka_data_loss", CRITICAL, feed, None, float(lost_offsets), 0.0,

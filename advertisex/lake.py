@@ -67,6 +67,15 @@ def ensure_table(spark: SparkSession, df: DataFrame, path: str, partition_by: li
     writer.save(path)
 
 
+def ensure_columns(spark: SparkSession, df: DataFrame, path: str) -> None:
+    """Create the table, or add the columns of ``df`` it lacks (a lake written by an older release),
+    once, before concurrent writers start: schema changes racing each other would conflict."""
+    ensure_table(spark, df, path)
+    existing = set(spark.read.format("delta").load(path).columns)
+    if not set(df.columns) <= existing:
+        df.limit(0).write.format("delta").mode("append").option("mergeSchema", "true").save(path)
+
+
 @contextmanager
 def delta_transaction(spark: SparkSession, app_id: str, version: int):
     spark.conf.set(_TXN_APP_ID, app_id)

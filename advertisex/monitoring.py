@@ -1,5 +1,5 @@
-"""Per-micro-batch accounting: the counts that must add up, as an ``ops/metrics`` row and a log line;
-and the Kafka data-loss watch over the queries' progress."""
+"""Per-micro-batch accounting: the counts that must add up, as an ``ops/metrics`` row, a log line and
+Prometheus metrics; and the listeners that watch every query's progress (Kafka data loss, metrics)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.streaming import StreamingQueryListener
@@ -28,6 +28,12 @@ METRICS_SCHEMA = T.StructType([
     T.StructField("duplicates_dropped", T.LongType()),
     T.StructField("quarantine_by_rule", T.MapType(T.StringType(), T.LongType())),
     T.StructField("silver_by_table", T.MapType(T.StringType(), T.LongType())),
+    T.StructField("ivt_rows", T.LongType()),
+    T.StructField("max_event_time", T.TimestampType()),
+    T.StructField("unknown_fields", T.MapType(T.StringType(), T.LongType())),
+    # measure -> campaign -> count: "silver:<table>" valid rows a feed offered to a silver table (before
+    # the cross-batch dedup); "gold:<column>" the day's campaign_performance_daily after a gold batch
+    T.StructField("by_campaign", T.MapType(T.StringType(), T.MapType(T.StringType(), T.LongType()))),
 ])
 
 
@@ -41,6 +47,10 @@ class BatchAccount:
     rows_quarantined: int = 0
     quarantine_by_rule: dict[str, int] = field(default_factory=dict)
     silver_by_table: dict[str, int] = field(default_factory=dict)
+    ivt_rows: int = 0
+    max_event_time: dt.datetime | None = None
+    unknown_fields: dict[str, int] = field(default_factory=dict)
+    by_campaign: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def rows_valid(self) -> int:
@@ -55,16 +65,44 @@ class BatchAccount:
         return self.rows_valid - self.rows_silver
 
 
-def count_staged(staged: DataFrame, rules: list[str]) -> tuple[int, int, dict[str, int]]:
-    """(rows, quarantined rows, quarantined rows per rule) of a validated micro-batch, in one pass."""
+def quality_metrics(rules: list[str], known_fields: list[str] | None) -> list[Column]:
+    """The data-quality aggregates an ``observe()`` collects over a validated micro-batch while it is
+    materialised: rows, quarantined rows (all and per rule, in conf order), the newest event time
+    and, for a JSON feed, how many records carry fields the contract does not name."""
     aggregates = [
         F.count(F.lit(1)).alias("rows"),
         F.count_if(F.size("reasons") > 0).alias("quarantined"),
         *[F.count_if(F.array_contains("reasons", rule)).alias(f"rule_{i}") for i, rule in enumerate(rules)],
+        F.max("event_time").alias("max_event_time"),
     ]
-    row = staged.agg(*aggregates).first()
-    by_rule = {rule: int(row[f"rule_{i}"]) for i, rule in enumerate(rules) if row[f"rule_{i}"]}
-    return int(row["rows"]), int(row["quarantined"]), by_rule
+    if known_fields is not None:
+        aggregates.append(F.count_if(F.size(unknown_json_fields(known_fields)) > 0).alias("drifting"))
+    return aggregates
+
+
+def unknown_json_fields(known_fields: list[str]) -> Column:
+    """Top-level keys of the raw JSON record that the contract does not name (NULL-safe: [] for
+    a record that is not a JSON object)."""
+    keys = F.coalesce(F.json_object_keys("raw"), F.array().cast("array<string>"))
+    return F.array_except(keys, F.array(*[F.lit(name) for name in known_fields]))
+
+
+def account_from_observation(feed: str, batch_id: int, observed: dict, rules: list[str]) -> BatchAccount:
+    by_rule = {rule: int(observed[f"rule_{i}"]) for i, rule in enumerate(rules) if observed[f"rule_{i}"]}
+    return BatchAccount(feed, batch_id, int(observed["rows"]), int(observed["quarantined"]), by_rule,
+                        max_event_time=observed["max_event_time"])
+
+
+def count_unknown_fields(staged: DataFrame, known_fields: list[str]) -> dict[str, int]:
+    """Records per unknown field name; run only when the observation saw drift, so the normal
+    micro-batch pays nothing for it."""
+    rows = (
+        staged.select(F.explode(unknown_json_fields(known_fields)).alias("field"))
+        .groupBy("field").count()
+        .limit(100)  # a record full of junk keys must not flood the metrics row
+        .collect()
+    )
+    return {row["field"]: int(row["count"]) for row in rows}
 
 
 def metrics_frame(spark: SparkSession, account: BatchAccount, query_name: str, query_id: str,
@@ -72,16 +110,19 @@ def metrics_frame(spark: SparkSession, account: BatchAccount, query_name: str, q
     row = (
         query_name, account.feed, query_id, account.batch_id, started_at, duration_ms,
         account.rows_in, account.rows_silver, account.rows_quarantined, account.duplicates_dropped,
-        account.quarantine_by_rule, account.silver_by_table,
+        account.quarantine_by_rule, account.silver_by_table, account.ivt_rows, account.max_event_time,
+        account.unknown_fields, account.by_campaign,
     )
     return spark.createDataFrame([row], METRICS_SCHEMA)
 
 
 def query_metrics_frame(spark: SparkSession, query_name: str, query_id: str, batch_id: int, started_at: dt.datetime,
-                        duration_ms: int, rows_in: int) -> DataFrame:
+                        duration_ms: int, rows_in: int, by_campaign: dict[str, dict[str, int]] | None = None
+                        ) -> DataFrame:
     """The ops/metrics row of a query that is not a feed (the correlation query): feed ``gold``,
     the accounting columns, which only feeds have, left NULL."""
-    row = (query_name, "gold", query_id, batch_id, started_at, duration_ms, rows_in, None, None, None, None, None)
+    row = (query_name, "gold", query_id, batch_id, started_at, duration_ms, rows_in, None, None, None, None, None,
+           None, None, None, by_campaign)
     return spark.createDataFrame([row], METRICS_SCHEMA)
 
 
@@ -127,61 +168,22 @@ def _offsets(text: str | None) -> dict:
     return offsets if isinstance(offsets, dict) else {}
 
 
-class KafkaDataLossListener(StreamingQueryListener):
-    """Counts offsets every Kafka query skipped, per query, and logs each loss as an alert line.
+class QueryListener(StreamingQueryListener):
+    """Every query's progress: Prometheus metrics (official client) labelled by query name, the
+    Kafka offsets each query skipped (logged as an alert line, counted per query), and a compact
+    summary handed to ``on_progress`` (the Monitor, which only enqueues it).
 
-    Callbacks only do arithmetic and one log call: they run on the listener bus and must not block.
+    The callbacks run on the listener bus and must not block: they do arithmetic, update
+    in-process metric objects and log. The HTTP endpoint serves the metrics from its own thread,
+    so a scrape never waits on a micro-batch and a micro-batch never waits on a scrape.
     """
 
-    def __init__(self):
-        self.lost: dict[str, int] = {}
-        self.terminated: set[str] = set()
-
-    def onQueryStarted(self, event) -> None:
-        pass
-
-    def onQueryProgress(self, event) -> None:
-        try:
-            self._check(event.progress)
-        except Exception:  # noqa: BLE001 - a bug here must not take the listener bus down with it
-            log.exception("kafka data-loss check failed for one progress event")
-
-    def _check(self, progress) -> None:
-        for source in progress.sources:
-            if not source.description.startswith("KafkaV2"):
-                continue
-            lost = kafka_offsets_lost(source.startOffset, source.endOffset, source.numInputRows)
-            if lost:
-                name = progress.name or str(progress.id)
-                self.lost[name] = self.lost.get(name, 0) + lost
-                log.error("ALERT kafka data loss: query %s batch %d skipped %d offsets that were no longer in "
-                          "Kafka (%s); failOnDataLoss is off, so the stream went on", name, progress.batchId, lost,
-                          source.description)
-
-    def onQueryIdle(self, event) -> None:
-        pass
-
-    def onQueryTerminated(self, event) -> None:
-        self.terminated.add(str(event.runId))
-
-    def wait_for(self, run_ids: list[str], timeout: float = 10.0) -> None:
-        """Wait until the listener has seen these query runs end (so it has seen all their progress).
-        Runs, not queries: a restarted query keeps its id and gets a new run id."""
-        deadline = time.monotonic() + timeout
-        while not set(run_ids) <= self.terminated and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
-class PrometheusListener(StreamingQueryListener):
-    """Each query's progress as Prometheus metrics (official client), labelled by query name.
-
-    The callbacks only update in-process metric objects; the HTTP endpoint serves them from its
-    own thread, so a scrape never waits on a micro-batch and a micro-batch never waits on a scrape.
-    """
-
-    def __init__(self, registry=None):
+    def __init__(self, registry=None, on_progress=None):
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
+        self.on_progress = on_progress
+        self.lost_offsets: dict[str, int] = {}
+        self.terminated: set[str] = set()
         self.registry = registry or CollectorRegistry()
         labels = ["query"]
         r = self.registry
@@ -208,8 +210,8 @@ class PrometheusListener(StreamingQueryListener):
     def onQueryProgress(self, event) -> None:
         try:
             self._record(event.progress)
-        except Exception:  # noqa: BLE001 - metrics must never take the listener bus down
-            log.exception("prometheus metrics: could not record a progress event")
+        except Exception:  # noqa: BLE001 - a bug here must not take the listener bus down with it
+            log.exception("query listener: could not record a progress event")
 
     def _record(self, p) -> None:
         q = p.name or str(p.id)
@@ -226,15 +228,37 @@ class PrometheusListener(StreamingQueryListener):
         self.dropped.labels(q).inc(sum(op.numRowsDroppedByWatermark for op in p.stateOperators))
         self.state_rows.labels(q).set(sum(op.numRowsTotal for op in p.stateOperators))
         self.state_bytes.labels(q).set(sum(op.memoryUsedBytes for op in p.stateOperators))
+        lost = 0
         for source in p.sources:
             if source.description.startswith("KafkaV2"):
-                self.lost.labels(q).inc(kafka_offsets_lost(source.startOffset, source.endOffset, source.numInputRows))
+                skipped = kafka_offsets_lost(source.startOffset, source.endOffset, source.numInputRows)
+                if skipped:
+                    log.error("ALERT kafka data loss: query %s batch %d skipped %d offsets that were no longer in "
+                              "Kafka (%s); failOnDataLoss is off, so the stream went on", q, p.batchId, skipped,
+                              source.description)
+                lost += skipped
+        self.lost.labels(q).inc(lost)
+        if lost:
+            self.lost_offsets[q] = self.lost_offsets.get(q, 0) + lost
+        if self.on_progress is not None:
+            from advertisex.alerting import QueryProgress
+
+            self.on_progress(QueryProgress(q, p.inputRowsPerSecond or 0.0, p.processedRowsPerSecond or 0.0,
+                                           p.numInputRows, sum(op.numRowsDroppedByWatermark for op in p.stateOperators),
+                                           lost))
 
     def onQueryIdle(self, event) -> None:
         pass
 
     def onQueryTerminated(self, event) -> None:
-        pass
+        self.terminated.add(str(event.runId))
+
+    def wait_for(self, run_ids: list[str], timeout: float = 10.0) -> None:
+        """Wait until the listener has seen these query runs end (so it has seen all their progress).
+        Runs, not queries: a restarted query keeps its id and gets a new run id."""
+        deadline = time.monotonic() + timeout
+        while not set(run_ids) <= self.terminated and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Expose /metrics on ``host:port`` from a daemon thread; returns the server (call shutdown())."""
@@ -247,3 +271,68 @@ class PrometheusListener(StreamingQueryListener):
 def _epoch_seconds(timestamp: str) -> float:
     """Spark's progress timestamps ('2026-11-25T10:00:00.000Z') as Unix seconds."""
     return dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+class PipelineMetrics:
+    """The pipeline's own Prometheus metrics, next to the per-query ones of ``QueryListener``
+    in the same registry: data quality per feed (what ``observe()`` counted in each micro-batch),
+    valid rows per campaign, the day's click attribution from gold, open alerts and the detector
+    thresholds (so Prometheus rules compare against the same conf values as the pipeline).
+
+    Updated by the micro-batch handlers on the driver; each update is a few in-memory increments.
+    """
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Gauge
+
+        r = registry
+        self.rows_in = Counter("advx_feed_rows_in", "Records a feed received", ["feed"], registry=r)
+        self.rows_silver = Counter("advx_feed_rows_silver", "Records a feed added to silver", ["feed"], registry=r)
+        self.quarantined = Counter("advx_feed_rows_quarantined", "Records quarantined, per broken rule (a record "
+                                   "breaking two rules counts under both)", ["feed", "rule"], registry=r)
+        self.duplicates = Counter("advx_feed_duplicates_dropped", "Duplicate records dropped", ["feed"], registry=r)
+        self.ivt = Counter("advx_feed_ivt_rows", "Valid records flagged as invalid traffic", ["feed"], registry=r)
+        self.last_data = Gauge("advx_feed_last_data_timestamp_seconds", "When a feed's last micro-batch with "
+                               "records was committed", ["feed"], registry=r)
+        self.event_lag = Gauge("advx_feed_event_time_lag_seconds", "Commit time of a feed's last micro-batch minus "
+                               "the newest event time in it", ["feed"], registry=r)
+        self.campaign_rows = Counter("advx_campaign_rows", "Valid records per silver table and campaign",
+                                     ["table", "campaign_id"], registry=r)
+        self.gold_clicks = Gauge("advx_gold_day_clicks", "Counted clicks of the latest day gold rebuilt", registry=r)
+        self.gold_unmatched = Gauge("advx_gold_day_unmatched_clicks", "Of those, clicks that matched no impression",
+                                    registry=r)
+        self.alert = Gauge("advx_alert_active", "1 while an alert of the pipeline's detectors is open",
+                           ["detector", "severity", "feed", "campaign_id"], registry=r)
+        self.threshold = Gauge("advx_detector_threshold", "Detector thresholds from conf (monitoring.detectors)",
+                               ["name"], registry=r)
+
+    def set_thresholds(self, detectors_conf: dict) -> None:
+        for name, value in detectors_conf.items():
+            self.threshold.labels(name).set(float(value))
+
+    def record_feed(self, account: BatchAccount, committed_at: dt.datetime) -> None:
+        feed = account.feed
+        self.rows_in.labels(feed).inc(account.rows_in)
+        self.rows_silver.labels(feed).inc(account.rows_silver)
+        self.duplicates.labels(feed).inc(max(0, account.duplicates_dropped))
+        self.ivt.labels(feed).inc(account.ivt_rows)
+        for rule, count in account.quarantine_by_rule.items():
+            self.quarantined.labels(feed, rule).inc(count)
+        if account.rows_in:
+            self.last_data.labels(feed).set(committed_at.timestamp())
+        if account.max_event_time is not None:
+            self.event_lag.labels(feed).set(committed_at.timestamp() - _as_utc(account.max_event_time).timestamp())
+        for measure, campaigns in account.by_campaign.items():
+            table = measure.split(":", 1)[1]
+            for campaign, count in campaigns.items():
+                self.campaign_rows.labels(table, campaign).inc(count)
+
+    def record_gold(self, by_campaign: dict[str, dict[str, int]]) -> None:
+        clicks = sum(by_campaign.get("gold:clicks", {}).values())
+        self.gold_clicks.set(clicks)
+        self.gold_unmatched.set(clicks - sum(by_campaign.get("gold:attributed_clicks", {}).values()))
+
+
+def _as_utc(ts: dt.datetime) -> dt.datetime:
+    """Spark hands timestamps to Python as naive local time of the session; make them absolute."""
+    return ts.astimezone(dt.timezone.utc) if ts.tzinfo else ts.astimezone().astimezone(dt.timezone.utc)

@@ -10,16 +10,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 from delta.tables import DeltaTable
+from prometheus_client import CollectorRegistry
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
-from advertisex import bronze, correlation, lake, monitoring, parsing, silver, sources
+from advertisex import alerting, bronze, correlation, lake, monitoring, parsing, silver, sources
 from advertisex.config import Settings, pseudonymization_key
 from advertisex.silver import Privacy
 from advertisex.validation import filter_valid, to_quarantine, with_rule_violations
@@ -91,10 +93,24 @@ def _is_unreadable_file(exc: Exception) -> bool:
     return "FAILED_READ_FILE" in str(exc)
 
 
+def _campaign_counts(rows: DataFrame) -> tuple[dict[str, int], int]:
+    """Valid rows per campaign and IVT rows of a silver write, from its cached rows (a handful of
+    campaigns per batch: the collect is the metric, not the data)."""
+    campaign = "bid_campaign_id" if "bid_campaign_id" in rows.columns else "campaign_id"
+    counts = (
+        rows.groupBy(F.coalesce(F.col(campaign), F.lit("none")).alias("campaign"))
+        .agg(F.count(F.lit(1)).alias("rows"), F.count_if("is_ivt").alias("ivt"))
+        .collect()
+    )
+    return {r["campaign"]: int(r["rows"]) for r in counts}, sum(int(r["ivt"]) for r in counts)
+
+
 class FeedBatchWriter:
     """The foreachBatch handler of one feed's query."""
 
-    def __init__(self, spark: SparkSession, settings: Settings, spec: FeedSpec, query_name: str, privacy: Privacy):
+    def __init__(self, spark: SparkSession, settings: Settings, spec: FeedSpec, query_name: str, privacy: Privacy,
+                 monitor: alerting.Monitor | None = None):
+        self.monitor = monitor
         self.spark = spark
         self.settings = settings
         self.spec = spec
@@ -124,16 +140,28 @@ class FeedBatchWriter:
         read = sources.read_avro_files_isolating_corrupt if salvage else sources.read_avro_files
         return read(batch_df.sparkSession, paths)
 
-    def _staged(self, batch_df: DataFrame, ingested_at: dt.datetime, salvage: bool):
+    def _staged(self, batch_df: DataFrame, batch_id: int, ingested_at: dt.datetime, salvage: bool):
+        """The validated micro-batch, cached, and its account: ``observe()`` counts rows, quarantine
+        per rule and the newest event time while the batch is materialised into the cache, so the
+        counts cost no pass of their own."""
         spark = batch_df.sparkSession
         raw = self._raw_batch(batch_df, salvage)
+        rules = list(self.settings.conf["validation"]["rules"][self.spec.feed])
+        # The JSON feed's contract fields: any other top-level key in a record is schema drift.
+        known = [f.name for f in parsing.ddl_schema("impressions.ddl").fields] if self.spec.feed == "impressions" else None
+        observation = Observation(f"advx_quality_{self.spec.feed}_{batch_id}_{uuid.uuid4().hex[:8]}")
         staged = (
             stage(self.spec.feed, bronze.with_ingestion(raw, ingested_at), read_dim(spark, self.settings), self.settings)
+            .observe(observation, *monitoring.quality_metrics(rules, known))
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
-        rules = list(self.settings.conf["validation"]["rules"][self.spec.feed])
         try:
-            return staged, monitoring.count_staged(staged, rules)
+            staged.write.format("noop").mode("overwrite").save()
+            observed = observation.get
+            account = monitoring.account_from_observation(self.spec.feed, batch_id, observed, rules)
+            if known is not None and observed["drifting"]:
+                account.unknown_fields = monitoring.count_unknown_fields(staged, known)
+            return staged, account
         except Exception:
             staged.unpersist()  # the caller may retry the batch another way; drop this attempt's cache
             raise
@@ -144,7 +172,7 @@ class FeedBatchWriter:
         feed = self.spec.feed
         qid = self.query_id()
         try:
-            staged, counts = self._staged(batch_df, started_at, salvage=False)
+            staged, account = self._staged(batch_df, batch_id, started_at, salvage=False)
         except Exception as exc:
             # Only a file that cannot be read is worth a second, file-by-file attempt; anything
             # else (memory, a lost executor) fails the batch as it would for any feed.
@@ -152,8 +180,7 @@ class FeedBatchWriter:
                 raise
             log.warning("%s batch %d: a file is not readable Avro (%s); reading file by file",
                         feed, batch_id, str(exc).splitlines()[0][:200])
-            staged, counts = self._staged(batch_df, started_at, salvage=True)
-        account = monitoring.BatchAccount(feed, batch_id, counts[0], counts[1], counts[2])
+            staged, account = self._staged(batch_df, batch_id, started_at, salvage=True)
         try:
             self._write(staged, account, qid, batch_id)
         finally:
@@ -163,6 +190,8 @@ class FeedBatchWriter:
             monitoring.metrics_frame(batch_df.sparkSession, account, self.query_name, qid, started_at, int(seconds * 1000)),
             self.settings.table("ops/metrics"), f"{qid}:ops/metrics", batch_id,
         )
+        if self.monitor is not None:
+            self.monitor.feed_batch(account, started_at, seconds)
         log.info(monitoring.status_line(account, seconds))
 
     def _write(self, staged: DataFrame, account: monitoring.BatchAccount, qid: str, batch_id: int) -> None:
@@ -175,10 +204,19 @@ class FeedBatchWriter:
         valid = filter_valid(staged)
         batch_tag = f"{qid}:{batch_id}"
         for name, build in self.spec.silver_tables.items():
-            rows = build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag))
+            rows = (
+                build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag))
+                .persist(StorageLevel.MEMORY_AND_DISK)
+            )
             path = table(f"silver/{name}")
-            inserted = lake.insert_new_rows(rows, path, silver.SILVER_KEYS[name], f"{qid}:silver/{name}",
-                                            batch_id, silver.PARTITIONS[name])
+            try:
+                by_campaign, ivt = _campaign_counts(rows)
+                inserted = lake.insert_new_rows(rows, path, silver.SILVER_KEYS[name], f"{qid}:silver/{name}",
+                                                batch_id, silver.PARTITIONS[name])
+            finally:
+                rows.unpersist()
+            account.by_campaign[f"silver:{name}"] = by_campaign
+            account.ivt_rows += ivt
             if inserted is None:  # a replay: this batch's rows were committed before the crash
                 inserted = staged.sparkSession.read.format("delta").load(path).filter(
                     F.col("ingest_batch") == batch_tag).count()
@@ -286,7 +324,8 @@ def restart(supervised: Supervised) -> None:
     supervised.start()
 
 
-def start_ingestion_queries(spark: SparkSession, settings: Settings, available_now: bool) -> list[Supervised]:
+def start_ingestion_queries(spark: SparkSession, settings: Settings, available_now: bool,
+                            monitor: alerting.Monitor | None = None) -> list[Supervised]:
     """Load the dimension first (so impressions can be checked against it), then start every feed.
 
     The creatives dimension is a file drop under the landing directory whatever the feeds' source;
@@ -295,7 +334,7 @@ def start_ingestion_queries(spark: SparkSession, settings: Settings, available_n
     privacy = privacy_from(settings)
     checkpoints = settings.checkpoints.rstrip("/")
     # Tables several queries write to must exist before they start, or the first commits race.
-    lake.ensure_table(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
+    lake.ensure_columns(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
 
     def dim_query(once: bool) -> StreamingQuery:
         return _start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
@@ -303,7 +342,7 @@ def start_ingestion_queries(spark: SparkSession, settings: Settings, available_n
 
     def feed_query(feed: str) -> StreamingQuery:
         stream, checkpoint = _feed_stream(spark, settings, feed)
-        handler = FeedBatchWriter(spark, settings, FEEDS[feed], f"advx_{feed}", privacy)
+        handler = FeedBatchWriter(spark, settings, FEEDS[feed], f"advx_{feed}", privacy, monitor)
         return _start(stream, f"advx_{feed}", handler, checkpoint, settings, available_now)
 
     if settings.landing is not None:
@@ -367,18 +406,21 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
     """
     started = time.monotonic()
     ensure_silver_tables(spark, settings, privacy_from(settings))
-    loss = monitoring.KafkaDataLossListener()
-    spark.streams.addListener(loss)
-    metrics = monitoring.PrometheusListener()
-    spark.streams.addListener(metrics)
+    registry = CollectorRegistry()
+    monitor = alerting.Monitor(spark, settings, monitoring.PipelineMetrics(registry), continuous=not available_now)
+    listener = monitoring.QueryListener(registry, on_progress=monitor.progress)
+    spark.streams.addListener(listener)
     monitoring_conf = settings.conf["monitoring"]
-    endpoint = (metrics.serve(monitoring_conf["prometheus_port"], monitoring_conf["prometheus_host"])
+    endpoint = (listener.serve(monitoring_conf["prometheus_port"], monitoring_conf["prometheus_host"])
                 if monitoring_conf["prometheus_port"] else None)
+    monitor.start()
+    monitor.expect_feeds(FEEDS)
     queries: list[Supervised] = []
     run_ids: list[str] = []
     try:
-        queries = start_ingestion_queries(spark, settings, available_now)
-        gold = Supervised(correlation.QUERY_NAME, lambda: correlation.start(spark, settings, available_now))
+        queries = start_ingestion_queries(spark, settings, available_now, monitor)
+        gold = Supervised(correlation.QUERY_NAME,
+                          lambda: correlation.start(spark, settings, available_now, monitor=monitor))
         if available_now:
             _await_all(queries)
             _raise_if_failed(queries)
@@ -395,9 +437,9 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
             if supervised.query.isActive:
                 supervised.query.stop()
             run_ids.append(str(supervised.query.runId))
-        loss.wait_for(run_ids)
-        spark.streams.removeListener(loss)
-        spark.streams.removeListener(metrics)
+        listener.wait_for(run_ids)
+        spark.streams.removeListener(listener)
+        monitor.stop()
         if endpoint is not None:
             endpoint.shutdown()
     _raise_if_failed(queries)
@@ -405,7 +447,8 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
     if dropped:
         log.warning("correlation: %d rows arrived after the watermark and were not joined by the stream; "
                     "backfill their dates for exact gold", dropped)
-    return {"kafka_offsets_lost": dict(loss.lost), "dropped_by_watermark": dropped, "metrics": metrics.registry}
+    return {"kafka_offsets_lost": dict(listener.lost_offsets), "dropped_by_watermark": dropped, "metrics": registry,
+            "open_alerts": [alert for alert, _ in monitor.book.open.values()]}
 
 
 def _raise_if_failed(queries: list[Supervised]) -> None:

@@ -20,25 +20,13 @@ import matplotlib.pyplot as plt
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-try:
-    dbutils.widgets.text("lake", "data/lake")  # noqa: F821 - provided by Databricks
-    lake = dbutils.widgets.get("lake")  # noqa: F821
-except NameError:
-    lake = os.environ.get("ADVX_LAKE", "data/lake")
-figures_dir = os.environ.get("ADVX_FIGURES", "data/figures")
+from advertisex.notebook import Figures, lake_root
+
+lake = lake_root(globals())
 spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
 TOP = 5
-figures = {}
-
-
-def show(name, fig):
-    """Display on Databricks; save as PNG elsewhere."""
-    figures[name] = fig
-    if "DATABRICKS_RUNTIME_VERSION" in os.environ:
-        display(fig)  # noqa: F821 - provided by Databricks
-    else:
-        os.makedirs(figures_dir, exist_ok=True)
-        fig.savefig(os.path.join(figures_dir, f"{name}.png"), dpi=90, bbox_inches="tight")
+figures = Figures(globals())
+show = figures.show
 
 
 def gold(name):

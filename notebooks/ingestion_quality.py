@@ -12,11 +12,9 @@ import os
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-try:
-    dbutils.widgets.text("lake", "data/lake")  # noqa: F821 - provided by Databricks
-    lake = dbutils.widgets.get("lake")  # noqa: F821
-except NameError:
-    lake = os.environ.get("ADVX_LAKE", "data/lake")
+from advertisex.notebook import lake_root
+
+lake = lake_root(globals())
 spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
 
 # COMMAND ----------

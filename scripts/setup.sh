@@ -15,6 +15,18 @@ if ! command -v mvn >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq maven >/dev/null
 fi
 
+# Prometheus and Alertmanager (promtool, amtool) from Debian's packages: the alerting tests run
+# the real servers and check the shipped rules and Alertmanager config with them.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v amtool >/dev/null 2>&1; then
+  echo "setup: installing Prometheus and Alertmanager with apt-get"
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends \
+    prometheus prometheus-alertmanager >/dev/null
+  # The packages register services; the project starts its own servers on free loopback ports.
+  $sudo_ pkill -x prometheus >/dev/null 2>&1 || true
+  $sudo_ pkill -x prometheus-alertmanager >/dev/null 2>&1 || true
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv

@@ -56,6 +56,22 @@ def test_quarantine_reasons_match_the_manifest(spark, lake):
     assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
 
 
+def test_observed_quality_counts_match_the_manifest(spark, lake):
+    """What observe() counted inside each micro-batch (ops/metrics) adds up to the manifest, per rule."""
+    settings, manifest = lake
+    metrics = read_table(spark, settings, "ops/metrics").filter(F.col("feed").isin(*SILVER_OF))
+    actual = (
+        metrics.select("feed", F.explode("quarantine_by_rule").alias("rule", "n"))
+        .groupBy("feed", "rule").agg(F.sum("n").cast("long").alias("count"))
+    )
+    expected = spark.createDataFrame(
+        [(feed, rule, n) for feed, rules in manifest.quarantine_by_rule.items() for rule, n in rules.items()],
+        actual.schema)
+    assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
+    # Every record of the JSON feed follows the contract: no schema drift reported.
+    assert metrics.filter(F.size("unknown_fields") > 0).count() == 0
+
+
 def test_ivt_matches_the_manifest(spark, lake):
     settings, manifest = lake
     actual = spark.createDataFrame([

@@ -20,9 +20,14 @@ def test_volume_spike_and_drop_carry_value_and_baseline():
     baseline = d.ewma(STEADY, CONF["ewma_alpha"])
     assert d.volume([*STEADY, 5000], CONF, "impressions", "cmp-0001") == d.Alert(
         "volume_spike", d.CRITICAL, "impressions", "cmp-0001", 5000.0, baseline,
-        f"impressions/cmp-0001: 5,000 rows in the last batch against a baseline of {baseline:,.0f}")
+        f"impressions/cmp-0001: 5,000.0 records/s against a baseline of {baseline:,.1f}/s")
     drop = d.volume([*STEADY, 0], CONF, "bid_requests")
     assert (drop.rule, drop.severity, drop.observed) == ("volume_drop", d.CRITICAL, 0.0)
+
+
+def test_a_spike_does_not_make_the_next_normal_batch_a_drop():
+    assert d.volume([*STEADY, 9000], CONF, "impressions").rule == "volume_spike"
+    assert d.volume([*STEADY, 9000, 1000], CONF, "impressions") is None
 
 
 def test_volume_needs_history():
@@ -44,8 +49,10 @@ def test_stale_feed_and_event_time_lag():
 
 
 def test_falling_behind_needs_consecutive_batches():
-    assert d.falling_behind([5000, 5000, 5000], [4000, 6000, 4000], CONF, "impressions") is None
-    alert = d.falling_behind([5000, 5000, 5000, 5000], [6000, 4000, 3000, 2000], CONF, "impressions")
+    assert d.falling_behind([5000, 5000, 5000], [3000, 6000, 3000], CONF, "impressions") is None
+    # busy, not behind: back-to-back batches whose durations vary a little
+    assert d.falling_behind([5000, 5000, 5000], [4900, 4500, 4800], CONF, "impressions") is None
+    alert = d.falling_behind([5000, 5000, 5000, 5000], [6000, 3500, 3000, 2000], CONF, "impressions")
     assert (alert.rule, alert.observed, alert.baseline) == ("falling_behind", 2000.0, 5000.0)
 
 
@@ -77,7 +84,7 @@ def test_schema_drift():
     (lambda p, w: d.unmatched_clicks(p, w, CONF, "cmp-0002"), (10, 100), (60, 100), "clicks_without_impression"),
     (lambda p, w: d.wins_without_bid_request(p, w, CONF), (2, 1000), (300, 1000), "wins_without_bid_request"),
     (lambda p, w: d.unknown_creatives(p, w, CONF), (10, 1000), (50, 1000), "unknown_creative"),
-    (lambda p, w: d.watermark_drops(p, w, CONF), (5, 1000), (40, 1000), "dropped_by_watermark"),
+    (lambda p, w: d.watermark_drops(p, w, CONF), (30, 1000), (80, 1000), "dropped_by_watermark"),
 ])
 def test_discrepancy_ratios(detector, quiet, firing, rule):
     assert detector(*quiet) is None

@@ -63,3 +63,33 @@ def text_from(registry) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(registry).decode()
+
+
+def exported_names() -> set[str]:
+    """Every sample name the pipeline's registry can expose (counters as <name>_total)."""
+    from prometheus_client import CollectorRegistry
+
+    from advertisex.monitoring import PipelineMetrics, QueryListener
+
+    registry = CollectorRegistry()
+    PipelineMetrics(registry)
+    QueryListener(registry)
+    return {f"{m.name}_total" if m.type == "counter" else m.name for m in registry.collect()}
+
+
+def test_the_grafana_dashboard_and_the_alert_rules_only_query_exported_metrics():
+    import json
+    import os
+    import re
+
+    from conftest import ROOT
+
+    names = exported_names()
+    with open(os.path.join(ROOT, "conf", "grafana", "pipeline_health.json"), encoding="utf-8") as fh:
+        dashboard = json.load(fh)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    with open(os.path.join(ROOT, "conf", "prometheus", "alerts.yml"), encoding="utf-8") as fh:
+        rules = fh.read()
+    used = set(re.findall(r"\badvx_[a-z_]+", " ".join(exprs) + rules))
+    assert used and used <= names, sorted(used - names)
+    assert len(dashboard["panels"]) == 12

@@ -1,0 +1,193 @@
+"""The alerting loop on hand-made histories: which detector fires on which history, and what one
+alert's life looks like on each channel (ops/alerts, the webhook bodies, the Prometheus gauge)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import http.server
+import json
+import threading
+
+from chispa import assert_df_equality
+from prometheus_client import CollectorRegistry
+
+from advertisex import alerting, monitoring
+from advertisex.alerting import FeedBatch, History, QueryProgress, evaluate
+from advertisex.config import load_conf
+from conftest import read_table, settings_for
+
+CONF = load_conf(None).conf["monitoring"]["detectors"]
+
+
+def feed_history(feed: str, rows: list[int], by_rule: list[dict] | None = None, campaigns: list[dict] | None = None,
+                 every: float = 10.0, lag: float = 60.0) -> History:
+    history = History()
+    for n, count in enumerate(rows):
+        started = 1_000_000 + n * every
+        history.add_feed_batch(FeedBatch(
+            feed, started, count, (by_rule or [{}] * len(rows))[n], started - lag, {},
+            {f"silver:{alerting.FEED_TABLES[feed][0]}": (campaigns or [{}] * len(rows))[n]}))
+    return history
+
+
+def rules_of(alerts) -> list[tuple]:
+    return sorted(((a.rule, a.feed, a.campaign) for a in alerts), key=lambda k: tuple(v or "" for v in k))
+
+
+def test_a_steady_feed_raises_nothing():
+    history = feed_history("impressions", [1000, 1040, 980, 1010, 995, 1020, 1005],
+                           by_rule=[{"malformed_record": 3}] * 7,
+                           campaigns=[{"cmp-0001": 500, "cmp-0002": 500}] * 7)
+    assert evaluate(history, CONF, now=1_000_070, continuous=True) == []
+
+
+def test_rates_not_batch_sizes_make_the_volume():
+    """A batch that waited twice as long holds twice the rows: not a spike."""
+    history = History()
+    for started, rows in [(0, 1000), (10, 1000), (20, 1000), (30, 1000), (40, 1000), (50, 1000), (70, 2000)]:
+        history.add_feed_batch(FeedBatch("impressions", 1_000_000 + started, rows, {}, None, {}, {}))
+    assert evaluate(history, CONF, now=1_000_070, continuous=False) == []
+
+
+def test_a_click_flood_on_one_campaign_is_a_volume_spike_there():
+    normal = {"cmp-0001": 150, "cmp-0002": 150}
+    history = feed_history("clicks_conversions", [300] * 6 + [1100], campaigns=[normal] * 6 + [
+        {"cmp-0001": 950, "cmp-0002": 150}])
+    assert rules_of(evaluate(history, CONF, now=1_000_060, continuous=True)) == [
+        ("volume_spike", "clicks_conversions", None), ("volume_spike", "clicks_conversions", "cmp-0001")]
+
+
+def test_a_feed_wide_drop_is_one_alert_not_one_per_campaign():
+    history = feed_history("bid_requests", [600] * 6 + [150], campaigns=[{"cmp-0001": 300, "cmp-0002": 300}] * 6 + [
+        {"cmp-0001": 75, "cmp-0002": 75}])
+    assert rules_of(evaluate(history, CONF, now=1_000_060, continuous=True)) == [("volume_drop", "bid_requests", None)]
+
+
+def test_a_few_clicks_more_on_a_small_campaign_is_noise():
+    history = feed_history("clicks_conversions", [300] * 7, campaigns=[{"cmp-0001": 2}] * 6 + [{"cmp-0001": 9}])
+    assert evaluate(history, CONF, now=1_000_060, continuous=True) == []
+
+
+def test_a_malformed_burst_and_a_new_rule():
+    history = feed_history("impressions", [1000] * 6 + [1000],
+                           by_rule=[{}] * 6 + [{"malformed_record": 400, "negative_amount": 12}])
+    assert rules_of(evaluate(history, CONF, now=1_000_060, continuous=True)) == [
+        ("new_rule:malformed_record", "impressions", None), ("new_rule:negative_amount", "impressions", None),
+        ("quarantine_ratio:malformed_record", "impressions", None)]
+
+
+def test_a_silent_feed_is_stale_only_in_a_continuous_run():
+    history = feed_history("bid_requests", [500] * 3)
+    now = 1_000_020 + CONF["max_silence_seconds"] + 1
+    assert rules_of(evaluate(history, CONF, now=now, continuous=True)) == [("feed_stale", "bid_requests", None)]
+    assert evaluate(history, CONF, now=now, continuous=False) == []
+
+
+def test_old_events_are_an_event_time_lag():
+    history = feed_history("impressions", [1000] * 3, lag=CONF["max_event_lag_seconds"] + 60)
+    assert rules_of(evaluate(history, CONF, now=1_000_020, continuous=False)) == [("event_time_lag", "impressions", None)]
+
+
+def test_progress_behind_input_lost_offsets_and_watermark_drops():
+    history = History()
+    for _ in range(3):
+        history.add_progress(QueryProgress("advx_impressions", 5000.0, 3000.0, 5000, 0, 0))
+        history.add_progress(QueryProgress("advx_gold", 100.0, 900.0, 1000, 80, 0))
+    history.add_progress(QueryProgress("advx_bid_requests", 10.0, 900.0, 10, 0, 42))
+    assert rules_of(evaluate(history, CONF, now=0, continuous=False)) == [
+        ("dropped_by_watermark", "gold", None), ("falling_behind", "impressions", None),
+        ("kafka_data_loss", "bid_requests", None)]
+
+
+def day(clicks: dict, attributed: dict, impressions: dict, conversions: dict | None = None) -> dict:
+    return {"gold:clicks": clicks, "gold:attributed_clicks": attributed, "gold:impressions": impressions,
+            "gold:conversions": conversions or {}}
+
+
+def test_cross_feed_checks_on_gold():
+    history = History()
+    for _ in range(6):
+        history.gold.append(day({"cmp-0001": 100, "cmp-0002": 100}, {"cmp-0001": 95, "cmp-0002": 95},
+                                {"cmp-0001": 5000, "cmp-0002": 5000}, {"cmp-0001": 10, "cmp-0002": 10}))
+    assert evaluate(history, CONF, now=0, continuous=False) == []
+    # cmp-0001's clicks jump and half of all clicks match nothing; cmp-0002 converts more than it clicks
+    history.gold.append(day({"cmp-0001": 700, "cmp-0002": 100}, {"cmp-0001": 200, "cmp-0002": 95},
+                            {"cmp-0001": 5100, "cmp-0002": 5100}, {"cmp-0001": 10, "cmp-0002": 300}))
+    assert rules_of(evaluate(history, CONF, now=0, continuous=False)) == [
+        ("clicks_without_impression", "clicks_conversions", None),
+        ("conversions_exceed_clicks", "clicks_conversions", "cmp-0002"),
+        ("ctr_jump", "clicks_conversions", "cmp-0001")]
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    bodies: list = []
+
+    def do_POST(self):  # noqa: N802
+        _Hook.bodies.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_one_alert_fires_once_and_resolves_on_every_channel(spark, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Hook.bodies.clear()
+    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    settings = dataclasses.replace(settings, conf=copy.deepcopy(settings.conf))
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    settings.conf["monitoring"]["alerting"]["webhooks"] = [
+        {"url": f"{base}/slack", "format": "slack"}, {"url": f"{base}/am", "format": "alertmanager"}]
+    clock = [1_000_000.0]
+    registry = CollectorRegistry()
+    monitor = alerting.Monitor(spark, settings, monitoring.PipelineMetrics(registry), continuous=True,
+                               clock=lambda: clock[0])
+    started = dt.datetime.fromtimestamp(1_000_000, dt.timezone.utc)
+    try:
+        for n in range(6):  # steady, then a burst of malformed records for two batches, then clean again
+            monitor._take(FeedBatch("impressions", 1_000_000 + 10 * n, 1000, {"malformed_record": 2}, None, {}, {}))
+        assert monitor.check() == []
+        for n in (6, 7):
+            monitor._take(FeedBatch("impressions", 1_000_000 + 10 * n, 1000, {"malformed_record": 300}, None, {}, {}))
+            clock[0] = 1_000_000 + 10 * n
+            monitor.check()
+        gauge = registry.get_sample_value("advx_alert_active", {
+            "detector": "quarantine_ratio:malformed_record", "severity": "warning", "feed": "impressions",
+            "campaign_id": ""})
+        assert gauge == 1.0
+        monitor._take(FeedBatch("impressions", 1_000_080, 1000, {"malformed_record": 2}, None, {}, {}))
+        clock[0] = 1_000_080
+        monitor.check()
+    finally:
+        server.shutdown()
+    assert registry.get_sample_value("advx_alert_active", {
+        "detector": "quarantine_ratio:malformed_record", "severity": "warning", "feed": "impressions",
+        "campaign_id": ""}) is None
+
+    actual = read_table(spark, settings, "ops/alerts").select("status", "rule", "severity", "feed", "observed",
+                                                              "baseline", "started_at", "changed_at")
+    opened = started + dt.timedelta(seconds=60)
+    local = dict(tzinfo=None)
+    expected = spark.createDataFrame([
+        ("firing", "quarantine_ratio:malformed_record", "warning", "impressions", 0.3, 0.05,
+         opened.astimezone().replace(**local), opened.astimezone().replace(**local)),
+        ("resolved", "quarantine_ratio:malformed_record", "warning", "impressions", 0.3, 0.05,
+         opened.astimezone().replace(**local), (started + dt.timedelta(seconds=80)).astimezone().replace(**local)),
+    ], actual.schema)
+    assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
+    ids = read_table(spark, settings, "ops/alerts").select("alert_id").distinct().count()
+    assert ids == 1  # firing and resolved rows of the same alert share its id
+
+    slack = [body["text"] for path, body in _Hook.bodies if path == "/slack"]
+    assert slack == [
+        ":warning: [FIRING] quarantine_ratio:malformed_record (warning) impressions: 30.0% of the batch broke "
+        "malformed_record (300 of 1,000)",
+        ":white_check_mark: [RESOLVED] quarantine_ratio:malformed_record (warning) impressions: 30.0% of the batch "
+        "broke malformed_record (300 of 1,000)",
+    ]
+    am = [body for path, body in _Hook.bodies if path == "/am"]
+    assert [(b[0]["labels"]["alertname"], b[0]["labels"]["severity"], "endsAt" in b[0]) for b in am] == [
+        ("quarantine_ratio:malformed_record", "warning", False), ("quarantine_ratio:malformed_record", "warning", True)]
