@@ -30,18 +30,25 @@ class DateResult:
     seconds: float
 
 
-def read_silver(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date) -> dict[str, DataFrame]:
-    """The four silver event tables between two event dates (inclusive)."""
+def read_silver(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date,
+                versions: dict[str, int] | None = None) -> dict[str, DataFrame]:
+    """The four silver event tables between two event dates (inclusive), as of ``versions`` if given."""
     frames = {}
     for name in gold.SILVER_TABLES:
         path = settings.table(f"silver/{name}")
         if not DeltaTable.isDeltaTable(spark, path):
             raise ConfigError(f"no silver table at {path}: run jobs/pipeline.py on this lake first")
-        frames[name] = (
-            spark.read.format("delta").load(path)
-            .filter(F.col("event_date").between(F.lit(first), F.lit(last)))
-        )
+        reader = spark.read.format("delta")
+        if versions is not None:
+            reader = reader.option("versionAsOf", versions[name])
+        frames[name] = reader.load(path).filter(F.col("event_date").between(F.lit(first), F.lit(last)))
     return frames
+
+
+def silver_versions(spark: SparkSession, settings: Settings) -> dict[str, int]:
+    """The current version of each silver event table."""
+    return {name: DeltaTable.forPath(spark, settings.table(f"silver/{name}")).history(1).first()["version"]
+            for name in gold.SILVER_TABLES}
 
 
 def write_dates(tables: dict[str, DataFrame], settings: Settings, first: dt.date, last: dt.date, retries: int) -> None:
@@ -56,16 +63,18 @@ def write_dates(tables: dict[str, DataFrame], settings: Settings, first: dt.date
 
 
 def rebuild(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date,
-            candidates_of=None, multi_touch: bool = True) -> None:
+            candidates_of=None, multi_touch: bool = True, silver_versions: dict[str, int] | None = None) -> None:
     """Recompute and replace gold for the event dates ``first`` to ``last``.
 
     ``candidates_of(silver, since)`` gives the attribution candidates; by default they are found
-    with batch joins over silver (the streaming query passes the ones its joins collected).
+    with batch joins over silver (the streaming query passes the ones its joins collected, and
+    the silver versions its micro-batch started from, so that gold holds no event whose
+    candidates the stream has not looked for yet).
     """
     windows = Windows.from_conf(settings.conf)
     since = first - dt.timedelta(days=gold.lookback_days(windows))
     if candidates_of:
-        silver = read_silver(spark, settings, since, last)
+        silver = read_silver(spark, settings, since, last, silver_versions)
         found = candidates_of(silver, since)
     else:
         # A bid at 23:59 wins with an impression at 00:01 the next day: the joins look past `last`.

@@ -100,6 +100,9 @@ class GoldBatchWriter:
         started = time.monotonic()
         started_at = dt.datetime.now(dt.timezone.utc)
         spark = batch_df.sparkSession
+        # Silver as of now: at most what this micro-batch's stream read plus the commits of the
+        # moment since it was planned; later commits wait for the next batch, candidates and all.
+        versions = backfill.silver_versions(spark, self.settings)
         batch = batch_df.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             candidates = batch.filter(F.col("kind") != _TOUCH)
@@ -112,9 +115,9 @@ class GoldBatchWriter:
             batch.unpersist()
         dates = affected_dates(dates)
         for first, last in date_runs(dates):
-            backfill.rebuild(spark, self.settings, first, last, multi_touch=False,
+            backfill.rebuild(spark, self.settings, first, last, multi_touch=False, silver_versions=versions,
                              candidates_of=lambda silver, since, last=last: read_candidates(spark, self.settings, since, last))
-        figures = day_figures(spark, self.settings, dates[-1]) if dates else {}
+        figures = day_figures(spark, self.settings, dates[-1], versions) if dates else {}
         seconds = time.monotonic() - started
         # One ops/metrics row per gold batch too: its end is when this batch's events reached gold.
         lake.append_once(
@@ -131,16 +134,51 @@ class GoldBatchWriter:
 _DAY_FIGURES = ("impressions", "clicks", "attributed_clicks", "conversions")
 
 
-def day_figures(spark: SparkSession, settings: Settings, day: dt.date) -> dict[str, dict[str, int]]:
-    """The cross-feed checks' input after a gold batch: each campaign's counts on ``day`` from
-    campaign_performance_daily, as {"gold:<column>": {campaign: n}} (one partition, a row per campaign)."""
+def day_figures(spark: SparkSession, settings: Settings, day: dt.date, versions: dict[str, int]
+                ) -> dict[str, dict[str, int]]:
+    """The cross-feed checks' input after a gold batch, as {"gold:<measure>": {campaign: n}}:
+    each campaign's counts on ``day`` from campaign_performance_daily (a row per campaign), and
+    the day's settled auctions (``settled_auctions``)."""
     rows = (
         spark.read.format("delta").load(settings.table("gold/campaign_performance_daily"))
         .filter(F.col("event_date") == F.lit(day))
         .select("campaign_id", *_DAY_FIGURES)
         .collect()
     )
-    return {f"gold:{name}": {r["campaign_id"]: int(r[name] or 0) for r in rows} for name in _DAY_FIGURES}
+    figures = {f"gold:{name}": {r["campaign_id"]: int(r[name] or 0) for r in rows} for name in _DAY_FIGURES}
+    figures.update(settled_auctions(spark, settings, day, versions))
+    return figures
+
+
+def settled_auctions(spark: SparkSession, settings: Settings, day: dt.date, versions: dict[str, int]
+                     ) -> dict[str, dict[str, int]]:
+    """Impressions won in an auction, and bid requests won, over the day's settled hours: the
+    hours that end a bid-request window before the newest bid request in silver. Later
+    impressions may still be waiting for their bid request from the other feed; judging them
+    would raise "wins without a bid request" for every batch in which the impressions' query
+    commits before the bid requests' one. Non-IVT on both sides, as the bid funnel counts."""
+    def silver(name):
+        return (
+            spark.read.format("delta").option("versionAsOf", versions[name]).load(settings.table(f"silver/{name}"))
+            .filter((F.col("event_date") == F.lit(day)) & ~F.col("is_ivt"))
+        )
+
+    window = attribution.interval(Windows.from_conf(settings.conf).bid_request)
+    settled = (
+        silver("bid_requests").agg((F.max("event_time") - window).alias("until"))
+        .select(F.to_date("until").alias("date"), F.hour("until").alias("hour"))  # in the session's UTC
+        .first()
+    )
+    if settled["date"] != day:
+        return {}  # no bid request yet, or none settled on this day
+    hours = F.col("event_hour") < F.lit(settled["hour"])
+    won_impressions = silver("impressions").filter(hours & F.col("auction_id").isNotNull()).count()
+    wins = (
+        spark.read.format("delta").load(settings.table("gold/bid_funnel_hourly"))
+        .filter((F.col("event_date") == F.lit(day)) & hours)
+        .agg(F.sum("wins")).first()[0]
+    )
+    return {"gold:won_impressions": {"*": won_impressions}, "gold:wins": {"*": int(wins or 0)}}
 
 
 def affected_dates(touched: list[dt.date]) -> list[dt.date]:

@@ -105,6 +105,17 @@ def day(clicks: dict, attributed: dict, impressions: dict, conversions: dict | N
             "gold:conversions": conversions or {}}
 
 
+def test_wins_without_a_bid_request_over_the_settled_hours():
+    history = History()
+    history.gold.append({**day({}, {}, {}), "gold:won_impressions": {"*": 1000}, "gold:wins": {"*": 990}})
+    assert evaluate(history, CONF, now=0, continuous=False) == []
+    history.gold.append({**day({}, {}, {}), "gold:won_impressions": {"*": 1000}, "gold:wins": {"*": 700}})
+    assert evaluate(history, CONF, now=0, continuous=False) == []  # one batch: maybe the feeds' skew
+    history.gold.append({**day({}, {}, {}), "gold:won_impressions": {"*": 1100}, "gold:wins": {"*": 720}})
+    assert rules_of(evaluate(history, CONF, now=0, continuous=False)) == [
+        ("wins_without_bid_request", "bid_requests", None)]
+
+
 def test_cross_feed_checks_on_gold():
     history = History()
     for _ in range(6):
