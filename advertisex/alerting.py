@@ -320,28 +320,30 @@ class Monitor:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Process what is queued, then end the thread."""
+        """Process what is queued, evaluate once more, then end the thread."""
         self.stopping.set()
+        self.inbox.put(None)  # wakes the worker now rather than at its next check interval
         self.thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
             try:
-                item = self.inbox.get(timeout=self.interval)
+                items = [self.inbox.get(timeout=self.interval)]
             except queue.Empty:
-                item = None
-            if item is None and self.stopping.is_set():
-                return
+                items = []
+            while True:  # drain what queued meanwhile: one evaluation for a burst of inputs
+                try:
+                    items.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                self._take(item)
-                while True:  # drain what queued meanwhile: one evaluation for a burst of inputs
-                    try:
-                        self._take(self.inbox.get_nowait())
-                    except queue.Empty:
-                        break
+                for item in items:
+                    self._take(item)
                 self.check()
             except Exception:  # noqa: BLE001 - a bug in one check must not end monitoring
                 log.exception("monitor: evaluating the detectors failed")
+            if self.stopping.is_set() and self.inbox.empty():
+                return
 
     def _take(self, item) -> None:
         if isinstance(item, FeedBatch):
