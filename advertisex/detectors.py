@@ -152,7 +152,7 @@ def _rate_alert(rule: str, part: int, whole: int, limit: float, min_rows: int, f
 def unmatched_clicks(unmatched: int, clicks: int, conf: dict, campaign: str | None = None) -> Alert | None:
     """Clicks that match no impression (match_type none) above ``max_unmatched_click_ratio``."""
     return _rate_alert("clicks_without_impression", unmatched, clicks, conf["max_unmatched_click_ratio"],
-                       conf["min_rows_for_ratio"], "clicks_conversions", campaign,
+                       conf["min_clicks_for_unmatched"], "clicks_conversions", campaign,
                        f"clicks with no impression{f' in {campaign}' if campaign else ''}")
 
 

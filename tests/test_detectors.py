@@ -81,7 +81,7 @@ def test_schema_drift():
 
 
 @pytest.mark.parametrize("detector, quiet, firing, rule", [
-    (lambda p, w: d.unmatched_clicks(p, w, CONF, "cmp-0002"), (10, 100), (60, 100), "clicks_without_impression"),
+    (lambda p, w: d.unmatched_clicks(p, w, CONF, "cmp-0002"), (100, 1000), (600, 1000), "clicks_without_impression"),
     (lambda p, w: d.wins_without_bid_request(p, w, CONF), (2, 1000), (300, 1000), "wins_without_bid_request"),
     (lambda p, w: d.unknown_creatives(p, w, CONF), (10, 1000), (50, 1000), "unknown_creative"),
     (lambda p, w: d.watermark_drops(p, w, CONF), (30, 1000), (80, 1000), "dropped_by_watermark"),
