@@ -16,6 +16,7 @@ write or an unreachable webhook delays alerts, never a micro-batch.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -96,8 +97,8 @@ class History:
 
     def add_feed_batch(self, batch: FeedBatch) -> None:
         batches = self.feeds.setdefault(batch.feed, collections.deque(maxlen=HISTORY))
-        if batches:
-            batch.interval = max(batch.started_at - batches[-1].started_at, 1e-3)
+        if batches:  # the caller's batch stays as it was given
+            batch = dataclasses.replace(batch, interval=max(batch.started_at - batches[-1].started_at, 1e-3))
         batches.append(batch)
         if batch.rows_in:
             # When the batch's data was committed: a feed whose batches each take a minute still
@@ -251,15 +252,10 @@ class Sinks:
                  dt.datetime.fromisoformat(started_at), now)
                 for a, status, alert_id, started_at in changes]
         frame = self.spark.createDataFrame(rows, ALERTS_SCHEMA)
-        for attempt in range(6):
-            try:
-                frame.write.format("delta").mode("append").save(self.path)
-                return
-            except Exception as exc:  # noqa: BLE001 - an alert that cannot be stored is still sent and logged
-                if not lake.is_conflict(exc) or attempt == 5:
-                    log.exception("ops/alerts: could not store %d alert changes", len(rows))
-                    return
-                lake.backoff(attempt)
+        try:
+            lake.with_conflict_retries(lambda: frame.write.format("delta").mode("append").save(self.path))
+        except Exception:  # noqa: BLE001 - an alert that cannot be stored is still sent and logged
+            log.exception("ops/alerts: could not store %d alert changes", len(rows))
 
     def _post(self, hook: dict, alert: Alert, status: str, started_at: str, now: dt.datetime) -> None:
         if hook["format"] == "alertmanager":

@@ -96,30 +96,37 @@ def insert_new_rows(df: DataFrame, path: str, key: str, app_id: str, version: in
     """
     spark = df.sparkSession
     ensure_table(spark, df, path, partition_by)
+
+    def merge() -> int | None:
+        target = DeltaTable.forPath(spark, path).alias("t")  # read again on every attempt
+        with delta_transaction(spark, app_id, version):
+            result = target.merge(df.alias("s"), f"t.`{key}` = s.`{key}`").whenNotMatchedInsertAll().execute()
+            rows = result.collect()  # one row of commit metrics, or none when Delta skipped the replay
+        return int(rows[0]["num_inserted_rows"]) if rows else None
+
+    # An OPTIMIZE (or another maintenance job) may rewrite files this MERGE read. Trying again is
+    # safe: the transaction id still makes a committed attempt a no-op.
+    return with_conflict_retries(merge, retries, on_retry=lambda n, exc: log.warning(
+        "%s: MERGE lost to a concurrent commit (%s); retry %d", path, type(exc).__name__, n))
+
+
+def with_conflict_retries(write, retries: int = 5, on_retry=None):
+    """``write()``, tried again (after a jittered backoff) while it loses to a concurrent Delta
+    commit, at most ``retries`` more times; any other error, or the last conflict, is raised.
+    ``on_retry(n, exc)`` hears of the n-th retry before it happens."""
     for attempt in range(retries + 1):
-        target = DeltaTable.forPath(spark, path).alias("t")
         try:
-            with delta_transaction(spark, app_id, version):
-                result = (
-                    target.merge(df.alias("s"), f"t.`{key}` = s.`{key}`")
-                    .whenNotMatchedInsertAll()
-                    .execute()
-                )
-                rows = result.collect()  # one row of commit metrics, or none when Delta skipped the replay
-            return int(rows[0]["num_inserted_rows"]) if rows else None
+            return write()
         except Exception as exc:
-            if not is_conflict(exc):
+            if not is_conflict(exc) or attempt == retries:
                 raise
-            # An OPTIMIZE (or another maintenance job) rewrote files this MERGE read. Reading again
-            # is safe: the transaction id still makes a committed attempt a no-op.
-            if attempt == retries:
-                raise
-            log.warning("%s: MERGE lost to a concurrent commit (%s); retry %d", path, type(exc).__name__, attempt + 1)
-            backoff(attempt)
+            if on_retry is not None:
+                on_retry(attempt + 1, exc)
+            _backoff(attempt)
     raise AssertionError("unreachable")
 
 
-def backoff(attempt: int) -> None:
+def _backoff(attempt: int) -> None:
     time.sleep(min(0.5 * 2 ** attempt, 8.0) * (0.5 + random.random()))
 
 
@@ -132,19 +139,13 @@ def replace_where(df: DataFrame, path: str, predicate: str, partition_by: list[s
     a concurrent-modification error and simply writes again; its rows are recomputed by the
     caller's ``df`` plan from the table state it reads then.
     """
-    for attempt in range(retries + 1):
-        try:
-            (
-                df.write.format("delta").mode("overwrite")
-                .option("replaceWhere", predicate)
-                .option("mergeSchema", "true")  # gold is derived: a new column may join an existing table
-                .partitionBy(*partition_by)
-                .save(path)
-            )
-            return
-        except Exception as exc:
-            if not is_conflict(exc) or attempt == retries:
-                raise
-            if on_retry is not None:
-                on_retry(attempt + 1, exc)
-            backoff(attempt)
+    with_conflict_retries(
+        lambda: (
+            df.write.format("delta").mode("overwrite")
+            .option("replaceWhere", predicate)
+            .option("mergeSchema", "true")  # gold is derived: a new column may join an existing table
+            .partitionBy(*partition_by)
+            .save(path)
+        ),
+        retries, on_retry,
+    )

@@ -18,21 +18,17 @@ log = logging.getLogger("advertisex")
 
 def optimize(spark: SparkSession, path: str, where: str | None = None, retries: int = 5) -> dict:
     """Compact the small files of ``path`` (optionally only the partitions ``where`` selects)."""
-    for attempt in range(retries + 1):
-        try:
-            builder = DeltaTable.forPath(spark, path).optimize()
-            if where:
-                builder = builder.where(where)
-            metrics = builder.executeCompaction().select("metrics.numFilesAdded", "metrics.numFilesRemoved").first()
-            result = {"files_added": int(metrics[0]), "files_removed": int(metrics[1])}
-            log.info("optimize %s: %d files compacted into %d", path, result["files_removed"], result["files_added"])
-            return result
-        except Exception as exc:
-            if not lake.is_conflict(exc) or attempt == retries:
-                raise
-            log.warning("optimize %s: conflicted with a concurrent write; retrying", path)
-            lake.backoff(attempt)
-    raise AssertionError("unreachable")
+    def compact() -> dict:
+        builder = DeltaTable.forPath(spark, path).optimize()
+        if where:
+            builder = builder.where(where)
+        metrics = builder.executeCompaction().select("metrics.numFilesAdded", "metrics.numFilesRemoved").first()
+        return {"files_added": int(metrics[0]), "files_removed": int(metrics[1])}
+
+    result = lake.with_conflict_retries(compact, retries, on_retry=lambda n, exc: log.warning(
+        "optimize %s: conflicted with a concurrent write (%s); retry %d", path, type(exc).__name__, n))
+    log.info("optimize %s: %d files compacted into %d", path, result["files_removed"], result["files_added"])
+    return result
 
 
 def vacuum(spark: SparkSession, path: str, retention_hours: float = 168.0) -> None:

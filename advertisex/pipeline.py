@@ -117,6 +117,10 @@ class FeedBatchWriter:
         self.query_name = query_name
         self.privacy = privacy
         self._query_id: str | None = None
+        self._rules = list(settings.conf["validation"]["rules"][spec.feed])
+        # The JSON feed's contract fields: any other top-level key in a record is schema drift.
+        self._known_fields = ([f.name for f in parsing.ddl_schema("impressions.ddl").fields]
+                              if spec.feed == "impressions" else None)
 
     def query_id(self) -> str:
         """The query's id, kept in its checkpoint: stable across restarts, new for a new checkpoint."""
@@ -137,7 +141,7 @@ class FeedBatchWriter:
         paths = [row.path for row in batch_df.select("path").collect()]
         if not paths:
             return sources.empty_avro_batch(batch_df.sparkSession)
-        read = sources.read_avro_files_isolating_corrupt if salvage else sources.read_avro_files
+        read = sources.read_avro_files_isolating_corrupt if salvage else sources.read_avro_files_screened
         return read(batch_df.sparkSession, paths)
 
     def _staged(self, batch_df: DataFrame, batch_id: int, ingested_at: dt.datetime, salvage: bool):
@@ -146,9 +150,7 @@ class FeedBatchWriter:
         counts cost no pass of their own."""
         spark = batch_df.sparkSession
         raw = self._raw_batch(batch_df, salvage)
-        rules = list(self.settings.conf["validation"]["rules"][self.spec.feed])
-        # The JSON feed's contract fields: any other top-level key in a record is schema drift.
-        known = [f.name for f in parsing.ddl_schema("impressions.ddl").fields] if self.spec.feed == "impressions" else None
+        rules, known = self._rules, self._known_fields
         observation = Observation(f"advx_quality_{self.spec.feed}_{batch_id}_{uuid.uuid4().hex[:8]}")
         staged = (
             stage(self.spec.feed, bronze.with_ingestion(raw, ingested_at), read_dim(spark, self.settings), self.settings)

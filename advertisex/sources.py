@@ -2,8 +2,9 @@
 
 Text feeds are read line by line as ``raw`` so that bronze and quarantine keep the record exactly
 as it arrived. Bid-request files are Avro containers: the stream lists new files and each
-micro-batch decodes them with spark-avro, falling back to a per-record salvage in Python only
-when a file is corrupt, so a bad file never stops the stream and its good records still land.
+micro-batch decodes them with spark-avro. A file that is not a whole container (checked from its
+head and tail) goes to a per-record salvage in Python instead, and so does every file of a batch
+whose read still fails: a bad file never stops the stream and its good records still land.
 
 On Kafka every message is one record, ``source`` is ``topic/partition/offset``, and arrival order
 is the message timestamp, then partition and offset. Bid requests arrive in the Confluent wire
@@ -16,6 +17,7 @@ import functools
 import io
 import json
 import os
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -107,6 +109,69 @@ def read_avro_files(spark: SparkSession, paths: list[str]) -> DataFrame:
         )
         .withColumn("raw", to_avro(F.col("record"), bid_request_avro_schema()))
     )
+
+
+# The header of an Avro object container file, as the Avro specification defines it.
+_CONTAINER_HEADER = {
+    "type": "record", "name": "org.apache.avro.file.Header",
+    "fields": [
+        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}},
+    ],
+}
+_HEAD_BYTES = 64 * 1024  # more than any header of this feed (its schema is about 3 KB)
+
+
+def _open_for_reading(path: str):
+    """A random-access file for a Spark path: local paths directly, others through pyarrow's
+    filesystems (S3, GCS, HDFS). Raises for a scheme neither knows."""
+    parsed = urlparse(path)
+    if parsed.scheme in ("", "file"):
+        return open(unquote(parsed.path) if parsed.scheme else path, "rb")
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(path)
+    return filesystem.open_input_file(inner)
+
+
+def avro_container_is_whole(path: str) -> bool | None:
+    """Whether a file has the shape of a complete Avro container: the magic bytes, a readable
+    header, and the header's sync marker as its last 16 bytes (every block ends with it).
+
+    Reads the head and the tail only. False means spark-avro would fail on the file (garbage,
+    a truncated copy); True does not prove every block decodes. None: the file could not be
+    opened here, so nothing is known.
+    """
+    import fastavro
+
+    try:
+        handle = _open_for_reading(path)
+    except Exception:  # noqa: BLE001 - an unknown filesystem: let spark-avro be the judge
+        return None
+    with handle:
+        head = handle.read(_HEAD_BYTES)
+        try:
+            header = fastavro.schemaless_reader(io.BytesIO(head), fastavro.parse_schema(_CONTAINER_HEADER), None)
+        except Exception:  # noqa: BLE001 - not a header at all
+            return False
+        if header["magic"] != b"Obj\x01":
+            return False
+        handle.seek(-16, os.SEEK_END)
+        return handle.read(16) == header["sync"]
+
+
+def read_avro_files_screened(spark: SparkSession, paths: list[str]) -> DataFrame:
+    """Like ``read_avro_files``, except that files whose structure is already broken (see
+    ``avro_container_is_whole``) go straight to the Python salvage instead of failing the read."""
+    broken = [p for p in paths if avro_container_is_whole(p) is False]
+    whole = [p for p in paths if p not in broken]
+    parts = []
+    if whole:
+        parts.append(read_avro_files(spark, whole))
+    if broken:
+        parts.append(salvage_avro_files(spark, broken))
+    return functools.reduce(DataFrame.unionByName, parts)
 
 
 def read_avro_files_isolating_corrupt(spark: SparkSession, paths: list[str]) -> DataFrame:
