@@ -16,6 +16,7 @@ partner); the events are in silver, and the backfill of their dates restores the
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 
@@ -82,14 +83,52 @@ def read_candidates(spark: SparkSession, settings: Settings, first: dt.date, las
     )
 
 
+def versions_read_by(offsets: list[str], table_ids: dict[str, str]) -> dict[str, int] | None:
+    """The silver version of each table that a micro-batch has read completely, from the batch's
+    entry in the query's offset log (``offsets``: its lines), or None if a table is missing.
+
+    A Delta source's end offset (V, index) means: every version before V read, and of V either
+    nothing (index -1) or some files. Either way V - 1 is the last whole version (0 is the empty
+    table every silver table starts as).
+    """
+    ends: dict[str, int] = {}
+    for line in offsets[2:]:  # "v1", then the batch's metadata, then one offset per source
+        offset = json.loads(line)
+        table = offset.get("reservoirId")
+        if table is not None:
+            ends[table] = min(ends.get(table, offset["reservoirVersion"]), offset["reservoirVersion"])
+    if not all(table_id in ends for table_id in table_ids.values()):
+        return None
+    return {name: max(ends[table_id] - 1, 0) for name, table_id in table_ids.items()}
+
+
 class GoldBatchWriter:
     """foreachBatch of the correlation query: keep the candidates, rebuild the touched dates."""
 
-    def __init__(self, spark: SparkSession, settings: Settings, monitor=None):
+    def __init__(self, spark: SparkSession, settings: Settings, checkpoint: str, monitor=None):
         self.spark = spark  # the session that started the query (a batch's session lists no queries)
         self.settings = settings
+        self.checkpoint = checkpoint
         self.monitor = monitor
         self._query_id: str | None = None
+        self._table_ids: dict[str, str] | None = None
+
+    def silver_versions(self, spark: SparkSession, batch_id: int) -> dict[str, int]:
+        """The silver versions this micro-batch's streams read to, so that the gold it rebuilds holds
+        no event whose candidates the joins have not looked for yet. The current versions instead
+        overshoot: the correlation stream reads at most max_files_per_trigger files a batch and can
+        trail silver by several commits (the wins-without-bid-request check then saw impressions
+        whose bid request was in silver but not yet joined)."""
+        if self._table_ids is None:
+            self._table_ids = {name: DeltaTable.forPath(spark, self.settings.table(f"silver/{name}")).detail().first()["id"]
+                               for name in gold.SILVER_TABLES}
+        try:
+            offsets = [r.value for r in spark.read.text(f"{self.checkpoint.rstrip('/')}/offsets/{batch_id}").collect()]
+            versions = versions_read_by(offsets, self._table_ids)
+        except Exception:  # noqa: BLE001 - an unreadable offset log: fall back to silver as it is now
+            log.warning("gold batch %d: no readable offset log entry; using silver as of now", batch_id, exc_info=True)
+            versions = None
+        return versions if versions is not None else backfill.silver_versions(spark, self.settings)
 
     def query_id(self) -> str:
         if self._query_id is None:
@@ -100,9 +139,7 @@ class GoldBatchWriter:
         started = time.monotonic()
         started_at = dt.datetime.now(dt.timezone.utc)
         spark = batch_df.sparkSession
-        # Silver as of now: at most what this micro-batch's stream read plus the commits of the
-        # moment since it was planned; later commits wait for the next batch, candidates and all.
-        versions = backfill.silver_versions(spark, self.settings)
+        versions = self.silver_versions(spark, batch_id)
         batch = batch_df.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             candidates = batch.filter(F.col("kind") != _TOUCH)
@@ -214,11 +251,12 @@ def ensure_tables(spark: SparkSession, settings: Settings) -> None:
 def start(spark: SparkSession, settings: Settings, available_now: bool, checkpoint: str | None = None,
           monitor=None) -> StreamingQuery:
     ensure_tables(spark, settings)
+    checkpoint = checkpoint or f"{settings.checkpoints.rstrip('/')}/gold"
     writer = (
         correlation_stream(spark, settings).writeStream
         .queryName(QUERY_NAME)
-        .option("checkpointLocation", checkpoint or f"{settings.checkpoints.rstrip('/')}/gold")
-        .foreachBatch(GoldBatchWriter(spark, settings, monitor))
+        .option("checkpointLocation", checkpoint)
+        .foreachBatch(GoldBatchWriter(spark, settings, checkpoint, monitor))
     )
     if available_now:
         writer = writer.trigger(availableNow=True)
