@@ -165,13 +165,7 @@ def read_avro_files_screened(spark: SparkSession, paths: list[str]) -> DataFrame
     """Like ``read_avro_files``, except that files whose structure is already broken (see
     ``avro_container_is_whole``) go straight to the Python salvage instead of failing the read."""
     broken = [p for p in paths if avro_container_is_whole(p) is False]
-    whole = [p for p in paths if p not in broken]
-    parts = []
-    if whole:
-        parts.append(read_avro_files(spark, whole))
-    if broken:
-        parts.append(salvage_avro_files(spark, broken))
-    return functools.reduce(DataFrame.unionByName, parts)
+    return _read_or_salvage(spark, [p for p in paths if p not in broken], broken)
 
 
 def read_avro_files_isolating_corrupt(spark: SparkSession, paths: list[str]) -> DataFrame:
@@ -184,6 +178,11 @@ def read_avro_files_isolating_corrupt(spark: SparkSession, paths: list[str]) -> 
             readable.append(path)
         except Exception:  # noqa: BLE001 - whatever the reader raises, the file goes to the salvage
             corrupt.append(path)
+    return _read_or_salvage(spark, readable, corrupt)
+
+
+def _read_or_salvage(spark: SparkSession, readable: list[str], corrupt: list[str]) -> DataFrame:
+    """``readable`` files through spark-avro and ``corrupt`` ones through the salvage, as one frame."""
     parts = []
     if readable:
         parts.append(read_avro_files(spark, readable))
