@@ -93,6 +93,8 @@ def versions_read_by(offsets: list[str], table_ids: dict[str, str]) -> dict[str,
     """
     ends: dict[str, int] = {}
     for line in offsets[2:]:  # "v1", then the batch's metadata, then one offset per source
+        if line.strip() == "-":  # a source that has no offset yet
+            continue
         offset = json.loads(line)
         table = offset.get("reservoirId")
         if table is not None:

@@ -198,9 +198,9 @@ def test_gold_batches_pin_silver_to_the_versions_their_streams_read():
         return json.dumps({"sourceVersion": 1, "reservoirId": table, "reservoirVersion": version, "index": index,
                            "isStartingVersion": False})
     log = ["v1", json.dumps({"batchWatermarkMs": 0, "batchTimestampMs": 0, "conf": {}}),
-           offset("imp", 15), offset("imp", 15), offset("bid", 12), offset("clk", 7, index=3), offset("cnv", 0)]
+           offset("imp", 15), "-", offset("imp", 15), offset("bid", 12), offset("clk", 7, index=3), offset("cnv", 0)]
     ids = {"impressions": "imp", "bid_requests": "bid", "clicks": "clk", "conversions": "cnv"}
     # (V, -1): versions up to V - 1 read; (V, 3): version V only in part, so V - 1; an empty table stays at 0
     assert correlation.versions_read_by(log, ids) == {"impressions": 14, "bid_requests": 11, "clicks": 6,
                                                       "conversions": 0}
-    assert correlation.versions_read_by(log[:4], ids) is None  # a table the entry does not name
+    assert correlation.versions_read_by(log[:5], ids) is None  # a table the entry does not name
