@@ -123,6 +123,13 @@ _CONTAINER_HEADER = {
 _HEAD_BYTES = 64 * 1024  # more than any header of this feed (its schema is about 3 KB)
 
 
+@functools.lru_cache(maxsize=1)
+def _container_header_schema():
+    import fastavro
+
+    return fastavro.parse_schema(_CONTAINER_HEADER)
+
+
 def _open_for_reading(path: str):
     """A random-access file for a Spark path: local paths directly, others through pyarrow's
     filesystems (S3, GCS, HDFS). Raises for a scheme neither knows."""
@@ -152,7 +159,7 @@ def avro_container_is_whole(path: str) -> bool | None:
     with handle:
         head = handle.read(_HEAD_BYTES)
         try:
-            header = fastavro.schemaless_reader(io.BytesIO(head), fastavro.parse_schema(_CONTAINER_HEADER), None)
+            header = fastavro.schemaless_reader(io.BytesIO(head), _container_header_schema(), None)
         except Exception:  # noqa: BLE001 - not a header at all
             return False
         if header["magic"] != b"Obj\x01":
