@@ -398,11 +398,13 @@ def _await_any_failure(spark: SparkSession, queries: list[Supervised]) -> None:
         return
 
 
-def run(spark: SparkSession, settings: Settings, available_now: bool, timings: dict | None = None) -> dict:
+def run(spark: SparkSession, settings: Settings, available_now: bool, timings: dict | None = None,
+        with_gold: bool = True) -> dict:
     """Ingestion queries (files or Kafka -> bronze/silver), then the correlation query (silver -> gold).
 
     With ``available_now`` the correlation query starts once ingestion has finished, so that its
-    one pass sees all of silver; otherwise all queries run side by side until one fails.
+    one pass sees all of silver, unless ``with_gold`` is False (then ingestion alone runs);
+    otherwise all queries run side by side until one fails.
     Returns what was lost on the way, for the caller to act on: Kafka offsets skipped per query
     and rows the correlation's watermark dropped.
     """
@@ -427,8 +429,9 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
             _await_all(queries)
             _raise_if_failed(queries)
             ingested = time.monotonic()
-            queries.append(gold.start())
-            _await_all([gold])
+            if with_gold:  # without: ingestion alone (the benchmark's ceiling comparison)
+                queries.append(gold.start())
+                _await_all([gold])
             if timings is not None:
                 timings.update(ingestion=ingested - started, gold=time.monotonic() - ingested)
         else:
@@ -445,7 +448,7 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
         if endpoint is not None:
             endpoint.shutdown()
     _raise_if_failed(queries)
-    dropped = correlation.dropped_by_watermark(gold.query)
+    dropped = correlation.dropped_by_watermark(gold.query) if gold.query is not None else 0
     if dropped:
         log.warning("correlation: %d rows arrived after the watermark and were not joined by the stream; "
                     "backfill their dates for exact gold", dropped)
