@@ -94,8 +94,8 @@ def _is_unreadable_file(exc: Exception) -> bool:
 
 
 def _campaign_counts(rows: DataFrame) -> tuple[dict[str, int], int]:
-    """Valid rows per campaign and IVT rows of a silver write, from its cached rows (a handful of
-    campaigns per batch: the collect is the metric, not the data)."""
+    """Rows per campaign and IVT rows of a micro-batch's silver rows (a handful of campaigns per
+    batch: the collect is the metric, not the data)."""
     campaign = "bid_campaign_id" if "bid_campaign_id" in rows.columns else "campaign_id"
     counts = (
         rows.groupBy(F.coalesce(F.col(campaign), F.lit("none")).alias("campaign"))
@@ -206,23 +206,22 @@ class FeedBatchWriter:
         valid = filter_valid(staged)
         batch_tag = f"{qid}:{batch_id}"
         for name, build in self.spec.silver_tables.items():
-            rows = (
-                build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag))
-                .persist(StorageLevel.MEMORY_AND_DISK)
-            )
             path = table(f"silver/{name}")
-            try:
-                by_campaign, ivt = _campaign_counts(rows)
-                inserted = lake.insert_new_rows(rows, path, silver.SILVER_KEYS[name], f"{qid}:silver/{name}",
-                                                batch_id, silver.PARTITIONS[name])
-            finally:
-                rows.unpersist()
+            # Not cached: the MERGE builds the rows (deduplication, user agents, pseudonyms) in the
+            # pass that writes them, and the batch's account is read back from what it committed.
+            lake.insert_new_rows(build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag)), path,
+                                 silver.SILVER_KEYS[name], f"{qid}:silver/{name}", batch_id, silver.PARTITIONS[name])
+            by_campaign, ivt = _campaign_counts(committed_rows(staged.sparkSession, path, batch_tag))
             account.by_campaign[f"silver:{name}"] = by_campaign
             account.ivt_rows += ivt
-            if inserted is None:  # a replay: this batch's rows were committed before the crash
-                inserted = staged.sparkSession.read.format("delta").load(path).filter(
-                    F.col("ingest_batch") == batch_tag).count()
-            account.silver_by_table[name] = inserted
+            account.silver_by_table[name] = sum(by_campaign.values())
+
+
+def committed_rows(spark: SparkSession, path: str, batch_tag: str) -> DataFrame:
+    """The silver rows one micro-batch inserted, whether by this run or by a run that crashed after
+    its commit. The session keeps exact string statistics for tags (see ``session``), so Delta
+    reads only the files whose ``ingest_batch`` range holds the tag, not the whole table."""
+    return spark.read.format("delta").load(path).filter(F.col("ingest_batch") == batch_tag)
 
 
 class DimCreativesWriter:

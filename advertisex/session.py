@@ -40,6 +40,10 @@ def build_session(settings: Settings, app_name: str | None = None) -> SparkSessi
         # Delta rebuilds its snapshot with this many tasks; 50 is sized for clusters.
         "spark.databricks.delta.snapshotPartitions": str(max(2, spark_conf["shuffle_partitions"])),
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        # Exact file statistics for strings up to 64 characters (Delta keeps 32 by default): a
+        # micro-batch's tag, ``<query id>:<batch id>``, is longer, and the pipeline finds the rows a
+        # batch committed by skipping every file whose tag range does not hold it.
+        "spark.databricks.io.skipping.stringPrefixLength": "64",
         "spark.ui.showConsoleProgress": "false",
     }
     log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")

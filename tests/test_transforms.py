@@ -127,3 +127,19 @@ def test_user_agent_details():
     iphone = ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 "
               "(KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1")
     assert enrichment.describe_user_agent(iphone) == ("mobile", "Mobile Safari", "iOS", False)
+
+
+def test_committed_rows_reads_only_the_batch_files(spark, tmp_path):
+    """A batch's rows are found by file statistics on its tag, which is longer than Delta's default
+    32-character string statistics: without the session's longer prefix every file would be read."""
+    from advertisex.pipeline import committed_rows
+
+    path = str(tmp_path / "silver")
+    query_id = "0c6f3c43-3a3e-4d0b-9f5e-3e4c1c1d2b7a"
+    for batch in range(3):
+        (spark.range(batch * 10, batch * 10 + 10, numPartitions=2)
+         .withColumn("ingest_batch", F.lit(f"{query_id}:{batch}"))
+         .write.format("delta").mode("append").save(path))
+    rows = committed_rows(spark, path, f"{query_id}:1")
+    assert sorted(r.id for r in rows.collect()) == list(range(10, 20))
+    assert len(rows.inputFiles()) == 2  # of the table's 6
