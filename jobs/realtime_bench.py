@@ -83,6 +83,8 @@ def kafka_ceiling(spark: SparkSession, settings: Settings, lake: str) -> float:
 def capacity(spark: SparkSession, base: Settings, work: str, impressions: int, bootstrap: str, ceiling) -> list:
     """Rows (name, seconds, events) of the availableNow drains and ceilings of both sources."""
     options = GeneratorOptions(impressions=impressions, files_per_day=8)
+    # A previous run's drops, lake and ceilings; {work}/kafka is emptied when the broker starts.
+    shutil.rmtree(f"{work}/files", ignore_errors=True)
     files = _settings(base, "files", f"{work}/files/landing", f"{work}/files/lake", bootstrap, "cap")
     kafka = _settings(base, "kafka", f"{work}/kafka/landing", f"{work}/kafka/lake", bootstrap, "cap")
     manifest = Generator(options).generate(files.landing)
