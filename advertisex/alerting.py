@@ -28,7 +28,9 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
-from pyspark.sql import SparkSession
+from delta.tables import DeltaTable
+from pyspark.sql import SparkSession, Window
+from pyspark.sql import functions as F
 
 from advertisex import detectors, lake
 from advertisex.config import Settings, resolve_secrets
@@ -67,6 +69,16 @@ class FeedBatch:
         return cls(account.feed, started_at.timestamp(), account.rows_in, dict(account.quarantine_by_rule),
                    newest.timestamp() if newest is not None else None, dict(account.unknown_fields),
                    {k: dict(v) for k, v in account.by_campaign.items()}, started_at.timestamp() + seconds)
+
+    @classmethod
+    def of_metrics_row(cls, row) -> FeedBatch:
+        """A feed batch as ``ops/metrics`` keeps it."""
+        started = row["batch_started_at"].timestamp()
+        newest = row["max_event_time"]
+        return cls(row["feed"], started, int(row["rows_in"] or 0), dict(row["quarantine_by_rule"] or {}),
+                   newest.timestamp() if newest is not None else None, dict(row["unknown_fields"] or {}),
+                   {k: dict(v) for k, v in (row["by_campaign"] or {}).items()},
+                   started + (row["duration_ms"] or 0) / 1000)
 
     def rate(self, rows: int) -> float | None:
         """Rows per second since the previous batch: batch sizes depend on trigger timing, rates do not."""
@@ -112,6 +124,25 @@ class History:
             self.gold_rows_in += p.rows_in
         if p.kafka_offsets_lost:
             self.lost[p.query] = self.lost.get(p.query, 0) + p.kafka_offsets_lost
+
+
+def recent_batches(spark: SparkSession, path: str, limit: int = HISTORY) -> tuple[list[FeedBatch], list[dict]]:
+    """The newest ``limit`` feed batches of each feed and gold batches in ``ops/metrics``, oldest
+    first: the baselines a pipeline had before it was restarted."""
+    if not DeltaTable.isDeltaTable(spark, path):
+        return [], []
+    newest_first = Window.partitionBy("feed").orderBy(F.col("batch_started_at").desc())
+    rows = (
+        spark.read.format("delta").load(path)
+        .filter(F.col("feed").isin(*FEED_TABLES, "gold"))
+        .withColumn("_newest", F.row_number().over(newest_first))
+        .filter(F.col("_newest") <= limit)
+        .orderBy("batch_started_at")
+        .collect()
+    )
+    feeds = [FeedBatch.of_metrics_row(row) for row in rows if row["feed"] != "gold"]
+    gold = [{k: dict(v) for k, v in (row["by_campaign"] or {}).items()} for row in rows if row["feed"] == "gold"]
+    return feeds, gold
 
 
 def evaluate(history: History, conf: dict, now: float, continuous: bool) -> list[Alert]:
@@ -293,6 +324,20 @@ class Monitor:
         self.started_at = clock()
         metrics.set_thresholds(self.conf)
         lake.ensure_table(spark, spark.createDataFrame([], ALERTS_SCHEMA), self.sinks.path)
+        self._restore(spark, settings)
+
+    def _restore(self, spark: SparkSession, settings: Settings) -> None:
+        """Start from the history in ``ops/metrics``, so that a restarted pipeline judges its first
+        batches against the baselines it had, not against nothing. Silence is still counted from
+        this start: the time the pipeline was down is not the feeds' fault."""
+        feeds, gold = recent_batches(spark, settings.table("ops/metrics"))
+        for batch in feeds:
+            self.history.add_feed_batch(batch)
+        self.history.gold.extend(gold)
+        self.history.last_data.clear()
+        if feeds or gold:
+            log.info("monitor: baselines restored from ops/metrics (%d feed batches, %d gold batches)",
+                     len(feeds), len(gold))
 
     # -- inputs (any thread; never blocks) --------------------------------------------------------
     def feed_batch(self, account: BatchAccount, started_at: dt.datetime, seconds: float) -> None:

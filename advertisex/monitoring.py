@@ -31,8 +31,8 @@ METRICS_SCHEMA = T.StructType([
     T.StructField("ivt_rows", T.LongType()),
     T.StructField("max_event_time", T.TimestampType()),
     T.StructField("unknown_fields", T.MapType(T.StringType(), T.LongType())),
-    # measure -> campaign -> count: "silver:<table>" valid rows a feed offered to a silver table (before
-    # the cross-batch dedup); "gold:<column>" the day's campaign_performance_daily after a gold batch
+    # measure -> campaign -> count: "silver:<table>" rows the batch inserted into a silver table;
+    # "gold:<column>" the day's campaign_performance_daily after a gold batch
     T.StructField("by_campaign", T.MapType(T.StringType(), T.MapType(T.StringType(), T.LongType()))),
 ])
 
@@ -105,15 +105,20 @@ def count_unknown_fields(staged: DataFrame, known_fields: list[str]) -> dict[str
     return {row["field"]: int(row["count"]) for row in rows}
 
 
-def metrics_frame(spark: SparkSession, account: BatchAccount, query_name: str, query_id: str,
-                  started_at: dt.datetime, duration_ms: int) -> DataFrame:
-    row = (
+def metrics_row(account: BatchAccount, query_name: str, query_id: str, started_at: dt.datetime,
+                duration_ms: int) -> tuple:
+    """A feed batch's ``ops/metrics`` row, in METRICS_SCHEMA's order."""
+    return (
         query_name, account.feed, query_id, account.batch_id, started_at, duration_ms,
         account.rows_in, account.rows_silver, account.rows_quarantined, account.duplicates_dropped,
         account.quarantine_by_rule, account.silver_by_table, account.ivt_rows, account.max_event_time,
         account.unknown_fields, account.by_campaign,
     )
-    return spark.createDataFrame([row], METRICS_SCHEMA)
+
+
+def metrics_frame(spark: SparkSession, account: BatchAccount, query_name: str, query_id: str,
+                  started_at: dt.datetime, duration_ms: int) -> DataFrame:
+    return spark.createDataFrame([metrics_row(account, query_name, query_id, started_at, duration_ms)], METRICS_SCHEMA)
 
 
 def query_metrics_frame(spark: SparkSession, query_name: str, query_id: str, batch_id: int, started_at: dt.datetime,

@@ -202,3 +202,36 @@ def test_one_alert_fires_once_and_resolves_on_every_channel(spark, tmp_path):
     am = [body for path, body in _Hook.bodies if path == "/am"]
     assert [(b[0]["labels"]["alertname"], b[0]["labels"]["severity"], "endsAt" in b[0]) for b in am] == [
         ("quarantine_ratio:malformed_record", "warning", False), ("quarantine_ratio:malformed_record", "warning", True)]
+
+
+def test_a_restarted_monitor_keeps_the_baselines_in_ops_metrics(spark, tmp_path):
+    """A restart would otherwise judge its first batches against nothing: a steady feed's history
+    comes back from ops/metrics, newest HISTORY batches per feed, and so does gold's."""
+    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    path = settings.table("ops/metrics")
+    start = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.timezone.utc)
+    newest = dt.datetime(2026, 11, 20, 11, 59, tzinfo=dt.timezone.utc)
+    rows = []
+    for n in range(alerting.HISTORY + 2):  # two more than the monitor keeps: the oldest two stay out
+        account = monitoring.BatchAccount("impressions", n, rows_in=1000 + n, rows_quarantined=2,
+                                          quarantine_by_rule={"malformed_record": 2}, max_event_time=newest,
+                                          by_campaign={"silver:impressions": {"cmp-1": 998 + n}})
+        rows.append(monitoring.metrics_row(account, "advx_impressions", "q1", start + dt.timedelta(seconds=10 * n),
+                                           4000))
+    (spark.createDataFrame(rows, monitoring.METRICS_SCHEMA)
+     .unionByName(monitoring.query_metrics_frame(spark, "advx_gold", "q2", 0, start, 30000, 5000,
+                                                 {"gold:clicks": {"cmp-1": 12}}))
+     .write.format("delta").save(path))
+
+    monitor = alerting.Monitor(spark, settings, monitoring.PipelineMetrics(CollectorRegistry()), continuous=True)
+    restored = list(monitor.history.feeds["impressions"])
+    assert [b.rows_in for b in restored] == [1000 + n for n in range(2, alerting.HISTORY + 2)]
+    assert restored[0].started_at == (start + dt.timedelta(seconds=20)).timestamp()
+    assert restored[0].ended_at == restored[0].started_at + 4
+    assert restored[0].max_event_time == newest.timestamp()
+    assert restored[0].quarantine_by_rule == {"malformed_record": 2}
+    assert restored[0].by_campaign == {"silver:impressions": {"cmp-1": 1000}}
+    assert {b.interval for b in restored[1:]} == {10}
+    assert list(monitor.history.gold) == [{"gold:clicks": {"cmp-1": 12}}]
+    assert monitor.history.last_data == {}  # silence counts from this start
+    assert evaluate(monitor.history, monitor.conf, start.timestamp() + 600, continuous=False) == []
