@@ -88,25 +88,21 @@ def delta_transaction(spark: SparkSession, app_id: str, version: int):
 
 
 def insert_new_rows(df: DataFrame, path: str, key: str, app_id: str, version: int,
-                    partition_by: list[str] | None = None, retries: int = 5) -> int | None:
-    """Insert the rows of ``df`` whose ``key`` is not in the table yet; return how many went in.
-
-    ``df`` must hold each key once. Returns None when Delta skipped the MERGE because this
-    (app_id, version) was committed before, i.e. the micro-batch is a replay.
-    """
+                    partition_by: list[str] | None = None, retries: int = 5) -> None:
+    """Insert the rows of ``df`` whose ``key`` is not in the table yet (``df`` must hold each key
+    once). Delta skips the MERGE when this (app_id, version) was committed before, i.e. when the
+    micro-batch is a replay; the caller finds what went in by the rows' own batch tag."""
     spark = df.sparkSession
     ensure_table(spark, df, path, partition_by)
 
-    def merge() -> int | None:
+    def merge() -> None:
         target = DeltaTable.forPath(spark, path).alias("t")  # read again on every attempt
         with delta_transaction(spark, app_id, version):
-            result = target.merge(df.alias("s"), f"t.`{key}` = s.`{key}`").whenNotMatchedInsertAll().execute()
-            rows = result.collect()  # one row of commit metrics, or none when Delta skipped the replay
-        return int(rows[0]["num_inserted_rows"]) if rows else None
+            target.merge(df.alias("s"), f"t.`{key}` = s.`{key}`").whenNotMatchedInsertAll().execute()
 
     # An OPTIMIZE (or another maintenance job) may rewrite files this MERGE read. Trying again is
     # safe: the transaction id still makes a committed attempt a no-op.
-    return with_conflict_retries(merge, retries, on_retry=lambda n, exc: log.warning(
+    with_conflict_retries(merge, retries, on_retry=lambda n, exc: log.warning(
         "%s: MERGE lost to a concurrent commit (%s); retry %d", path, type(exc).__name__, n))
 
 
