@@ -113,9 +113,14 @@ class History:
             batch = dataclasses.replace(batch, interval=max(batch.started_at - batches[-1].started_at, 1e-3))
         batches.append(batch)
         if batch.rows_in:
-            # When the batch's data was committed: a feed whose batches each take a minute still
-            # delivers every minute, though each batch began a minute before it said so.
-            self.last_data[batch.feed] = batch.ended_at or batch.started_at
+            self.data_arrived(batch.feed, batch.started_at)
+
+    def data_arrived(self, feed: str, at: float) -> None:
+        """A micro-batch of ``feed`` began at ``at`` with new input (file and Kafka sources start
+        one only then): its data had arrived by then. Told when the batch begins, so that a feed
+        whose batches each take a minute still counts as delivering while they run, and a feed that
+        stopped is silent from its last batch's start rather than from that batch's commit."""
+        self.last_data[feed] = max(self.last_data.get(feed, at), at)
 
     def add_progress(self, p: QueryProgress) -> None:
         self.progress.setdefault(p.query, collections.deque(maxlen=HISTORY)).append(p)
@@ -344,6 +349,10 @@ class Monitor:
         self.metrics.record_feed(account, started_at + dt.timedelta(seconds=seconds))
         self.inbox.put(FeedBatch.of(account, started_at, seconds))
 
+    def feed_batch_started(self, feed: str, started_at: dt.datetime) -> None:
+        self.metrics.last_data.labels(feed).set(started_at.timestamp())
+        self.inbox.put(("started", feed, started_at.timestamp()))
+
     def gold_batch(self, by_campaign: dict[str, dict[str, int]]) -> None:
         self.metrics.record_gold(by_campaign)
         self.inbox.put(("gold", by_campaign))
@@ -393,6 +402,8 @@ class Monitor:
             self.history.add_progress(item)
         elif isinstance(item, tuple) and item[0] == "gold":
             self.history.gold.append(item[1])
+        elif isinstance(item, tuple) and item[0] == "started":
+            self.history.data_arrived(item[1], item[2])
         elif isinstance(item, tuple) and item[0] == "expect":
             for feed in item[1]:
                 self.history.last_data.setdefault(feed, self.started_at)

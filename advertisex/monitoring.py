@@ -298,7 +298,7 @@ class PipelineMetrics:
         self.duplicates = Counter("advx_feed_duplicates_dropped", "Duplicate records dropped", ["feed"], registry=r)
         self.ivt = Counter("advx_feed_ivt_rows", "Valid records flagged as invalid traffic", ["feed"], registry=r)
         self.last_data = Gauge("advx_feed_last_data_timestamp_seconds", "When a feed's last micro-batch with "
-                               "records was committed", ["feed"], registry=r)
+                               "new input began", ["feed"], registry=r)
         self.event_lag = Gauge("advx_feed_event_time_lag_seconds", "Commit time of a feed's last micro-batch minus "
                                "the newest event time in it", ["feed"], registry=r)
         self.campaign_rows = Counter("advx_campaign_rows", "Valid records per silver table and campaign",
@@ -323,8 +323,6 @@ class PipelineMetrics:
         self.ivt.labels(feed).inc(account.ivt_rows)
         for rule, count in account.quarantine_by_rule.items():
             self.quarantined.labels(feed, rule).inc(count)
-        if account.rows_in:
-            self.last_data.labels(feed).set(committed_at.timestamp())
         if account.max_event_time is not None:
             self.event_lag.labels(feed).set(committed_at.timestamp() - _as_utc(account.max_event_time).timestamp())
         for measure, campaigns in account.by_campaign.items():

@@ -173,6 +173,8 @@ class FeedBatchWriter:
         started_at = dt.datetime.now(dt.timezone.utc)
         feed = self.spec.feed
         qid = self.query_id()
+        if self.monitor is not None:
+            self.monitor.feed_batch_started(feed, started_at)
         try:
             staged, account = self._staged(batch_df, batch_id, started_at, salvage=False)
         except Exception as exc:

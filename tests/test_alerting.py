@@ -84,6 +84,19 @@ def test_a_silent_feed_is_stale_only_in_a_continuous_run():
     assert evaluate(history, CONF, now=now, continuous=False) == []
 
 
+def test_a_feed_is_silent_from_the_start_of_its_last_batch():
+    """A batch reports when it begins: while it runs the feed is delivering, and once the feed stops,
+    silence counts from the start of the batch that carried its last data, not from its commit."""
+    history = feed_history("bid_requests", [500] * 3, every=10.0)  # batches began at +0, +10, +20
+    history.data_arrived("bid_requests", 1_000_050)  # a batch began at +50 and is still running
+    limit = CONF["max_silence_seconds"]
+    assert evaluate(history, CONF, now=1_000_050 + limit - 1, continuous=True) == []
+    history.add_feed_batch(FeedBatch("bid_requests", 1_000_050, 500, {}, None, {}, {}, ended_at=1_000_090))
+    history.data_arrived("bid_requests", 1_000_030)  # a late message of an older batch never moves it back
+    assert rules_of(evaluate(history, CONF, now=1_000_050 + limit + 1, continuous=True)) == [
+        ("feed_stale", "bid_requests", None)]
+
+
 def test_old_events_are_an_event_time_lag():
     history = feed_history("impressions", [1000] * 3, lag=CONF["max_event_lag_seconds"] + 60)
     assert rules_of(evaluate(history, CONF, now=1_000_020, continuous=False)) == [("event_time_lag", "impressions", None)]
