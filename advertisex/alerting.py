@@ -60,15 +60,14 @@ class FeedBatch:
     max_event_time: float | None
     unknown_fields: dict[str, int]
     by_campaign: dict[str, dict[str, int]]
-    ended_at: float | None = None  # Unix seconds; None: as it started
     interval: float | None = None  # seconds since the feed's previous batch started
 
     @classmethod
-    def of(cls, account: BatchAccount, started_at: dt.datetime, seconds: float) -> FeedBatch:
+    def of(cls, account: BatchAccount, started_at: dt.datetime) -> FeedBatch:
         newest = account.max_event_time
         return cls(account.feed, started_at.timestamp(), account.rows_in, dict(account.quarantine_by_rule),
                    newest.timestamp() if newest is not None else None, dict(account.unknown_fields),
-                   {k: dict(v) for k, v in account.by_campaign.items()}, started_at.timestamp() + seconds)
+                   {k: dict(v) for k, v in account.by_campaign.items()})
 
     @classmethod
     def of_metrics_row(cls, row) -> FeedBatch:
@@ -77,8 +76,7 @@ class FeedBatch:
         newest = row["max_event_time"]
         return cls(row["feed"], started, int(row["rows_in"] or 0), dict(row["quarantine_by_rule"] or {}),
                    newest.timestamp() if newest is not None else None, dict(row["unknown_fields"] or {}),
-                   {k: dict(v) for k, v in (row["by_campaign"] or {}).items()},
-                   started + (row["duration_ms"] or 0) / 1000)
+                   {k: dict(v) for k, v in (row["by_campaign"] or {}).items()})
 
     def rate(self, rows: int) -> float | None:
         """Rows per second since the previous batch: batch sizes depend on trigger timing, rates do not."""
@@ -347,7 +345,7 @@ class Monitor:
     # -- inputs (any thread; never blocks) --------------------------------------------------------
     def feed_batch(self, account: BatchAccount, started_at: dt.datetime, seconds: float) -> None:
         self.metrics.record_feed(account, started_at + dt.timedelta(seconds=seconds))
-        self.inbox.put(FeedBatch.of(account, started_at, seconds))
+        self.inbox.put(FeedBatch.of(account, started_at))
 
     def feed_batch_started(self, feed: str, started_at: dt.datetime) -> None:
         self.metrics.last_data.labels(feed).set(started_at.timestamp())
