@@ -44,10 +44,10 @@ def build_session(settings: Settings, app_name: str | None = None) -> SparkSessi
         # micro-batch's tag, ``<query id>:<batch id>``, is longer, and the pipeline finds the rows a
         # batch committed by skipping every file whose tag range does not hold it.
         "spark.databricks.io.skipping.stringPrefixLength": "64",
-        # Compiled code for 2,000 plans, not Spark's 100. Ingestion alone runs about 400 distinct
-        # stages and a gold rebuild 350 more; with 100 a micro-batch found few of its stages still
-        # compiled, so each batch generated and compiled them again (20k impressions in 48 small
-        # batches: 4,999 compilations taking 31 s, against 385 taking 4.5 s).
+        # Compiled code for 2,000 classes, not Spark's 100. Ingestion alone compiles about 400
+        # distinct classes (stages, projections, orderings) and a gold rebuild 350 more; with 100
+        # a micro-batch found few of its own still compiled and compiled them again (20k
+        # impressions in 48 small batches: 4,999 compilations taking 31 s, against 385 taking 4.5 s).
         "spark.sql.codegen.cache.maxEntries": "2000",
         "spark.ui.showConsoleProgress": "false",
     }
