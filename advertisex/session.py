@@ -22,6 +22,18 @@ def project_jars() -> list[str]:
     return sorted(glob.glob(os.path.join(jar_dir, "*.jar")))
 
 
+def snapshot_tasks(spark_conf: dict) -> int:
+    """Tasks Delta rebuilds a table's file list with (its own default, 50, is sized for clusters).
+
+    One in local mode: on one machine a table holds a few thousand files, and each task costs
+    more to ship than to run (20k impressions in 16 small batches per feed: 233 s against
+    248-260 s with four tasks, docs/BENCHMARKS.md).
+    """
+    if str(spark_conf["master"] or "").startswith("local"):
+        return 1
+    return max(2, spark_conf["shuffle_partitions"])
+
+
 def build_session(settings: Settings, app_name: str | None = None) -> SparkSession:
     """Create (or reuse) the SparkSession for a job, configured for Delta and this environment."""
     spark_conf = settings.conf["spark"]
@@ -37,8 +49,7 @@ def build_session(settings: Settings, app_name: str | None = None) -> SparkSessi
         "spark.sql.shuffle.partitions": str(spark_conf["shuffle_partitions"]),
         "spark.sql.streaming.stateStore.providerClass": STATE_STORE_PROVIDERS[spark_conf["state_store_provider"]],
         "spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled": "true",
-        # Delta rebuilds its snapshot with this many tasks; 50 is sized for clusters.
-        "spark.databricks.delta.snapshotPartitions": str(max(2, spark_conf["shuffle_partitions"])),
+        "spark.databricks.delta.snapshotPartitions": str(snapshot_tasks(spark_conf)),
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
         # Exact file statistics for strings up to 64 characters (Delta keeps 32 by default): a
         # micro-batch's tag, ``<query id>:<batch id>``, is longer, and the pipeline finds the rows a

@@ -56,3 +56,14 @@ def test_rules_merge_by_name(tmp_path):
                                      "      big_cost: 'cost > 100'\n")).conf
     rules = conf["validation"]["rules"]["impressions"]
     assert list(rules) == ["malformed_record", "missing_required_field", "invalid_timestamp", "unknown_creative", "big_cost"]
+
+
+@pytest.mark.parametrize("conf_file, tasks", [
+    ("conf/local.yaml", 1),  # one machine: one task rebuilds a Delta snapshot
+    ("conf/test.yaml", 1),
+    ("conf/cluster.yaml", 64),  # a cluster: as many as its shuffle partitions
+])
+def test_delta_snapshot_tasks_follow_the_environment(conf_file, tasks):
+    from advertisex.session import snapshot_tasks
+
+    assert snapshot_tasks(load_conf(os.path.join(ROOT, conf_file)).conf["spark"]) == tasks
