@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from advertisex.config import ConfigError, load_conf, pseudonymization_key
+from advertisex.session import snapshot_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +65,4 @@ def test_rules_merge_by_name(tmp_path):
     ("conf/cluster.yaml", 64),  # a cluster: as many as its shuffle partitions
 ])
 def test_delta_snapshot_tasks_follow_the_environment(conf_file, tasks):
-    from advertisex.session import snapshot_tasks
-
     assert snapshot_tasks(load_conf(os.path.join(ROOT, conf_file)).conf["spark"]) == tasks
