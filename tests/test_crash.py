@@ -74,7 +74,8 @@ def wait_until(condition, timeout: float, what: str, pipeline: PipelineProcess |
 def exactly_once(spark, settings, expected_ids: dict) -> None:
     """Every produced id once in silver; every counted conversion once in gold; gold clicks between
     the clicks the SPEC counts and all valid clicks (the stream may miss an IVT flag whose impression
-    was behind the watermark, never the other way), each once."""
+    was behind the watermark, never the other way), each once; no Kafka message twice in bronze and
+    no micro-batch twice in ops/metrics."""
     rows = []
 
     def check(name, actual, expected):
@@ -97,6 +98,13 @@ def exactly_once(spark, settings, expected_ids: dict) -> None:
     valid = spark.createDataFrame([(i,) for i in expected_ids["clicks"]], "id string")
     rows.append(("gold/attributed_clicks", clicks.count() - clicks.distinct().count(),
                  counted.subtract(clicks).count(), clicks.subtract(valid).count()))
+    # Bronze and ops/metrics are appends: a replayed batch must not add its rows again. A Kafka
+    # message is one bronze row (source: topic/partition/offset); a batch is one metrics row.
+    for feed in ("impressions", "clicks_conversions", "bid_requests"):
+        sources = read_table(spark, settings, f"bronze/{feed}").select("source")
+        rows.append((f"bronze/{feed}", sources.count() - sources.distinct().count(), 0, 0))
+    batches = read_table(spark, settings, "ops/metrics").select("query_id", "batch_id")
+    rows.append(("ops/metrics", batches.count() - batches.distinct().count(), 0, 0))
     actual = spark.createDataFrame(rows, "table string, duplicated long, missing long, unexpected long")
     expected = spark.createDataFrame([(name, 0, 0, 0) for name, *_ in rows], actual.schema)
     assert_df_equality(actual, expected, ignore_row_order=True)

@@ -1,0 +1,61 @@
+"""append_once: a micro-batch replayed after a crash or a failure is not appended twice."""
+from __future__ import annotations
+
+from chispa import assert_df_equality
+
+from advertisex import lake
+
+SCHEMA = "app string, batch long"
+
+
+def batch(spark, app: str, version: int):
+    return spark.createDataFrame([(app, version)], SCHEMA)
+
+
+def append(spark, path: str, app: str, version: int) -> None:
+    lake.append_once(batch(spark, app, version), path, app, version)
+
+
+def table(spark, path: str):
+    return spark.read.format("delta").load(path)
+
+
+def test_a_replayed_batch_is_found_in_history_after_a_restart(spark, tmp_path):
+    path = str(tmp_path / "t")
+    append(spark, path, "a", 0)
+    append(spark, path, "a", 1)
+    for version in range(40):  # more commits of another query than the first page of history holds
+        append(spark, path, "b", version)
+    lake._appended.clear()  # a new process: nothing remembered, so the table's history decides
+    append(spark, path, "a", 1)  # the replay of a committed batch
+    append(spark, path, "b", 39)
+    append(spark, path, "a", 2)  # the next batch goes in
+    expected = [("a", 0), ("a", 1), ("a", 2)] + [("b", v) for v in range(40)]
+    assert_df_equality(table(spark, path), spark.createDataFrame(expected, SCHEMA), ignore_row_order=True)
+    assert lake.last_appended(spark, path, "a") == 2
+    assert lake.last_appended(spark, path, "c") is None
+
+
+def test_a_batch_retried_in_the_same_process_is_not_appended_again(spark, tmp_path):
+    path = str(tmp_path / "t")
+    for version in range(3):
+        append(spark, path, "a", version)
+    append(spark, path, "a", 1)  # not above the last batch this process appended: history is read
+    append(spark, path, "a", 2)
+    assert_df_equality(table(spark, path), spark.createDataFrame([("a", v) for v in range(3)], SCHEMA),
+                       ignore_row_order=True)
+
+
+def test_a_table_written_with_delta_transactions_only_is_still_checked(spark, tmp_path):
+    """A lake written before commits were marked: Delta's own record of the app id decides."""
+    path = str(tmp_path / "t")
+    for version in range(2):
+        (batch(spark, "a", version).write.format("delta").mode("append")
+         .option("txnAppId", "a").option("txnVersion", str(version)).save(path))
+    lake._appended.clear()
+    append(spark, path, "a", 1)
+    append(spark, path, "a", 2)
+    append(spark, path, "a", 3)
+    assert_df_equality(table(spark, path), spark.createDataFrame([("a", v) for v in range(4)], SCHEMA),
+                       ignore_row_order=True)
+    assert lake.last_appended(spark, path, "a") == 3
