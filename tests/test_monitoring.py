@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as dt
 import threading
 import time
 import urllib.request
@@ -10,7 +11,7 @@ import urllib.request
 from chispa import assert_df_equality
 from prometheus_client.parser import text_string_to_metric_families
 
-from advertisex import pipeline
+from advertisex import monitoring, pipeline
 from conftest import _free_port_block, drop_samples, settings_for
 
 
@@ -93,3 +94,23 @@ def test_the_grafana_dashboard_and_the_alert_rules_only_query_exported_metrics()
     used = set(re.findall(r"\badvx_[a-z_]+", " ".join(exprs) + rules))
     assert used and used <= names, sorted(used - names)
     assert len(dashboard["panels"]) == 12
+
+
+def test_an_ops_metrics_row_built_in_the_jvm_holds_exactly_the_python_row(spark):
+    """The JSON-literal frame must agree with createDataFrame on every type the row carries:
+    naive (process-local) and aware timestamps, NULLs, nested maps, quotes and non-ASCII text."""
+    account = monitoring.BatchAccount(
+        "impressions", 7, 2_644, 34, {"invalid_timestamp": 8, 'odd "rule" é': 1},
+        max_event_time=dt.datetime(2026, 11, 17, 3, 4, 5, 123456),
+    )
+    account.by_campaign = {"silver:impressions": {"cmp-0001": 100, "cmp-ünï": 2}}
+    account.silver_by_table = {"impressions": 102}
+    account.unknown_fields = {"extra\nfield": 3}
+    started = dt.datetime(2026, 11, 26, 9, 2, 9, 96451, tzinfo=dt.timezone.utc)
+    rows = [
+        monitoring.metrics_row(account, "advx_impressions", "q-1", started, 1_234),
+        ("advx_gold", "gold", "q-2", 8, started, 99, 5, None, None, None, None, None, None, None, None, None),
+    ]
+    for row in rows:
+        assert_df_equality(monitoring.metrics_row_frame(spark, row), spark.createDataFrame([row], monitoring.METRICS_SCHEMA),
+                           ignore_nullable=True)
