@@ -125,7 +125,8 @@ def metrics_row_frame(spark: SparkSession, row: tuple) -> DataFrame:
     """One ``ops/metrics`` row as a frame the JVM builds alone: the row is a JSON literal read with
     METRICS_SCHEMA. ``createDataFrame`` of a Python list runs a Python worker job each time it is
     written; one-row appends took 0.32-0.37 s this way against 0.54-1.05 s (docs/BENCHMARKS.md)."""
-    record = json.dumps({name: _json_value(value) for name, value in zip(METRICS_SCHEMA.fieldNames(), row, strict=True)})
+    names = METRICS_SCHEMA.fieldNames()
+    record = json.dumps({name: _json_value(value) for name, value in zip(names, row, strict=True)})
     parsed = F.from_json(F.lit(record), METRICS_SCHEMA, {"mode": "FAILFAST"})
     return spark.range(1).select(parsed.alias("row")).select("row.*")
 

@@ -112,5 +112,5 @@ def test_an_ops_metrics_row_built_in_the_jvm_holds_exactly_the_python_row(spark)
         ("advx_gold", "gold", "q-2", 8, started, 99, 5, None, None, None, None, None, None, None, None, None),
     ]
     for row in rows:
-        assert_df_equality(monitoring.metrics_row_frame(spark, row), spark.createDataFrame([row], monitoring.METRICS_SCHEMA),
-                           ignore_nullable=True)
+        expected = spark.createDataFrame([row], monitoring.METRICS_SCHEMA)
+        assert_df_equality(monitoring.metrics_row_frame(spark, row), expected, ignore_nullable=True)
