@@ -122,9 +122,10 @@ def _json_value(value):
 
 
 def metrics_row_frame(spark: SparkSession, row: tuple) -> DataFrame:
-    """One ``ops/metrics`` row as a frame the JVM builds alone: the row is a JSON literal read with
-    METRICS_SCHEMA. ``createDataFrame`` of a Python list runs a Python worker job each time it is
-    written; one-row appends took 0.32-0.37 s this way against 0.54-1.05 s (docs/BENCHMARKS.md)."""
+    """One ``ops/metrics`` row as a frame planned from a JSON literal read with METRICS_SCHEMA.
+    ``createDataFrame`` of a Python list ships the row as pickled bytes in an RDD, which each write
+    scans in a Spark job of its own; one-row appends took 0.32-0.37 s this way against 0.54-1.05 s
+    (docs/BENCHMARKS.md)."""
     names = METRICS_SCHEMA.fieldNames()
     record = json.dumps({name: _json_value(value) for name, value in zip(names, row, strict=True)})
     parsed = F.from_json(F.lit(record), METRICS_SCHEMA, {"mode": "FAILFAST"})
