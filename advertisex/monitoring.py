@@ -118,7 +118,7 @@ def metrics_row(account: BatchAccount, query_name: str, query_id: str, started_a
 
 def _json_value(value):
     # A naive datetime is the Python process's local time, as createDataFrame would read it.
-    return value.astimezone(dt.timezone.utc).isoformat() if isinstance(value, dt.datetime) else value
+    return _as_utc(value).isoformat() if isinstance(value, dt.datetime) else value
 
 
 def metrics_row_frame(spark: SparkSession, row: tuple) -> DataFrame:
