@@ -37,7 +37,8 @@ from test_crash import PipelineProcess, wait_until
 
 WAVE_SECONDS = 2.0
 CLEAN_SECONDS = 150          # normal data before the faults: past the rules' 2 m windows ...
-CLEAN_MAX_SECONDS = 240      # ... and on until every query is past min_history batches (a slower machine)
+CLEAN_MAX_SECONDS = 360      # ... and on until every query is past min_history batches (a slower machine:
+                             # gold batches of 40-55 s here took over 60 s in one CI run, 3 by 240 s)
 DETECTION_SECONDS = 60
 GRACE_SECONDS = 15           # after a batch commits: the monitor's check interval, Prometheus's scrape and evaluation
 MAX_SILENCE = 60             # monitoring.detectors.max_silence_seconds of this run (batches end every 20-45 s here)
@@ -267,9 +268,10 @@ def live_run(spark, tmp_path_factory):
     base = tmp_path_factory.mktemp("alerting")
     staging, landing, lake = str(base / "staging"), str(base / "landing"), str(base / "lake")
     start = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=24)).replace(microsecond=0, tzinfo=None)
-    # 144 slots of 10 minutes, one every 2 s: 288 s of live feed.
-    generator = Generator(GeneratorOptions(impressions=40_000, seed=23, start=start.isoformat(), days=1,
-                                           files_per_day=144, corrupt_avro_files=0))
+    # 216 slots of 6 min 40 s, one every 2 s: 432 s of live feed, longer than the longest clean phase,
+    # at about 280 impressions a slot.
+    generator = Generator(GeneratorOptions(impressions=60_000, seed=23, start=start.isoformat(), days=1,
+                                           files_per_day=216, corrupt_avro_files=0))
     generator.generate(staging, progress=False)
     creatives = {c[0]: c[1] for c in generator.creatives}
     shutil.copytree(os.path.join(staging, "dims"), os.path.join(landing, "dims"))
@@ -279,7 +281,7 @@ def live_run(spark, tmp_path_factory):
     conf = {
         "landing": landing, "lake": lake,
         "streaming": {"trigger_interval": "5 seconds"},
-        # Event time here runs 300 times faster than the clock (a 10-minute slot every 2 s): the
+        # Event time here runs 200 times faster than the clock (a 400-second slot every 2 s): the
         # watermark scales with it, or the join would drop what a real feed delivers on time.
         "correlation": {"watermark": "6 hours"},
         "files": {"max_files_per_trigger": 50},
