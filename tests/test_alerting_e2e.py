@@ -38,7 +38,7 @@ from test_crash import PipelineProcess, wait_until
 WAVE_SECONDS = 2.0
 CLEAN_SECONDS = 150          # normal data before the faults: past the rules' 2 m windows ...
 CLEAN_MAX_SECONDS = 360      # ... and on until every query is past min_history batches (a slower machine:
-                             # gold batches of 40-55 s here took over 60 s in one CI run, 3 by 240 s)
+                             # gold batches take 38-55 s here, and one CI run had only 3 by 240 s)
 DETECTION_SECONDS = 60
 GRACE_SECONDS = 15           # after a batch commits: the monitor's check interval, Prometheus's scrape and evaluation
 MAX_SILENCE = 60             # monitoring.detectors.max_silence_seconds of this run (batches end every 20-45 s here)
