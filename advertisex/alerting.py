@@ -63,20 +63,23 @@ class FeedBatch:
     interval: float | None = None  # seconds since the feed's previous batch started
 
     @classmethod
+    def _of(cls, feed: str, started_at: dt.datetime, rows_in: int | None, quarantine_by_rule: dict | None,
+            max_event_time: dt.datetime | None, unknown_fields: dict | None, by_campaign: dict | None) -> FeedBatch:
+        return cls(feed, started_at.timestamp(), int(rows_in or 0), dict(quarantine_by_rule or {}),
+                   max_event_time.timestamp() if max_event_time is not None else None, dict(unknown_fields or {}),
+                   {k: dict(v) for k, v in (by_campaign or {}).items()})
+
+    @classmethod
     def of(cls, account: BatchAccount, started_at: dt.datetime) -> FeedBatch:
-        newest = account.max_event_time
-        return cls(account.feed, started_at.timestamp(), account.rows_in, dict(account.quarantine_by_rule),
-                   newest.timestamp() if newest is not None else None, dict(account.unknown_fields),
-                   {k: dict(v) for k, v in account.by_campaign.items()})
+        """A feed batch as the pipeline just accounted it."""
+        return cls._of(account.feed, started_at, account.rows_in, account.quarantine_by_rule,
+                       account.max_event_time, account.unknown_fields, account.by_campaign)
 
     @classmethod
     def of_metrics_row(cls, row) -> FeedBatch:
         """A feed batch as ``ops/metrics`` keeps it."""
-        started = row["batch_started_at"].timestamp()
-        newest = row["max_event_time"]
-        return cls(row["feed"], started, int(row["rows_in"] or 0), dict(row["quarantine_by_rule"] or {}),
-                   newest.timestamp() if newest is not None else None, dict(row["unknown_fields"] or {}),
-                   {k: dict(v) for k, v in (row["by_campaign"] or {}).items()})
+        return cls._of(row["feed"], row["batch_started_at"], row["rows_in"], row["quarantine_by_rule"],
+                       row["max_event_time"], row["unknown_fields"], row["by_campaign"])
 
     def rate(self, rows: int) -> float | None:
         """Rows per second since the previous batch: batch sizes depend on trigger timing, rates do not."""
