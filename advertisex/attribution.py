@@ -23,6 +23,8 @@ from pyspark.sql import functions as F
 from advertisex.config import parse_interval
 
 CANDIDATE_COLUMNS = ["kind", "event_id", "event_date", "campaign_id", "match_id", "match_time", "match_cost"]
+# Candidate frames also carry the event's ``event_time`` (the streaming query derives the hours a
+# batch changes from it); the candidates table keeps CANDIDATE_COLUMNS alone.
 CLICK_BY_ID, CLICK_BY_WINDOW = "click_by_id", "click_by_window"
 CONVERSION_CLICK, CONVERSION_VIEW, WIN = "conversion_click", "conversion_view", "win"
 
@@ -105,6 +107,7 @@ def _candidates(joined: DataFrame, kind: str, match_id: str, match_time: str, ma
         F.col(match_id).alias("match_id"),
         F.col(match_time).alias("match_time"),
         (match_cost if match_cost is not None else F.lit(None)).cast("decimal(18,6)").alias("match_cost"),
+        F.col("e_time").alias("event_time"),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
@@ -51,20 +52,34 @@ def silver_versions(spark: SparkSession, settings: Settings) -> dict[str, int]:
             for name in gold.SILVER_TABLES}
 
 
-def write_dates(tables: dict[str, DataFrame], settings: Settings, first: dt.date, last: dt.date, retries: int) -> None:
-    """Replace the dates' partitions of every gold table (retrying if a concurrent writer won)."""
-    predicate = f"event_date >= '{first.isoformat()}' AND event_date <= '{last.isoformat()}'"
-    for name, df in tables.items():
+def write_dates(spark: SparkSession, tables: dict[str, DataFrame], settings: Settings, first: dt.date, last: dt.date,
+                retries: int, hours: dict[dt.date, list[int]] | None = None) -> None:
+    """Replace the dates' rows (or only the given hours') of every gold table, then the dates' daily
+    rows, aggregated from the hourly parts just written (retrying if a concurrent writer won)."""
+    def replace(df: DataFrame, name: str) -> None:
         lake.replace_where(
-            df, settings.table(f"gold/{name}"), predicate, gold.TABLES[name], retries,
-            on_retry=lambda n, exc, name=name: log.warning(
+            df, settings.table(f"gold/{name}"), gold.scope_sql(name, first, last, hours), gold.TABLES[name], retries,
+            on_retry=lambda n, exc: log.warning(
                 "gold/%s %s..%s: concurrent write, retry %d (%s)", name, first, last, n, type(exc).__name__),
         )
 
+    # Each table is its own Delta commit, and a small one is mostly the driver's work (snapshot,
+    # planning, the commit): the writes run side by side, so those waits overlap.
+    with ThreadPoolExecutor(max_workers=len(tables)) as pool:
+        for done in [pool.submit(replace, df, name) for name, df in tables.items()]:
+            done.result()
+    parts = (
+        spark.read.format("delta").load(settings.table(f"gold/{gold.PARTS_TABLE}"))
+        .filter(F.col("event_date").between(F.lit(first), F.lit(last)))
+    )
+    replace(gold.daily_from_parts(parts), gold.DAILY_TABLE)
+
 
 def rebuild(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date,
-            candidates_of=None, multi_touch: bool = True, silver_versions: dict[str, int] | None = None) -> None:
-    """Recompute and replace gold for the event dates ``first`` to ``last``.
+            candidates_of=None, multi_touch: bool = True, silver_versions: dict[str, int] | None = None,
+            hours: dict[dt.date, list[int]] | None = None) -> None:
+    """Recompute and replace gold for the event dates ``first`` to ``last`` (given ``hours``: only
+    those hours of them, and the dates' daily rows).
 
     ``candidates_of(silver, since)`` gives the attribution candidates; by default they are found
     with batch joins over silver (the streaming query passes the ones its joins collected, and
@@ -81,12 +96,22 @@ def rebuild(spark: SparkSession, settings: Settings, first: dt.date, last: dt.da
         until = last + dt.timedelta(days=gold.lookahead_days(windows))
         silver = read_silver(spark, settings, since, until)
         found = attribution.all_candidates(silver, windows)
-    candidates = found.persist(StorageLevel.MEMORY_AND_DISK)
+    # Win candidates only for the dates' bid requests: the lookback's are never read.
+    in_dates = F.col("event_date").between(F.lit(first), F.lit(last))
+    wins = (F.col("kind") == attribution.WIN) & in_dates
+    if hours is None:
+        cached = found.filter((F.col("kind") != attribution.WIN) | in_dates).persist(StorageLevel.MEMORY_AND_DISK)
+        candidates = cached
+    else:
+        # The streaming path reads its candidates from a table: the win candidates, most of them,
+        # are read again where needed (``built`` takes the scope's alone) rather than cached.
+        cached = found.filter(F.col("kind") != attribution.WIN).persist(StorageLevel.MEMORY_AND_DISK)
+        candidates = cached.unionByName(found.filter(wins))
     try:
-        with gold.built(silver, candidates, windows, first, last, multi_touch=multi_touch) as tables:
-            write_dates(tables, settings, first, last, settings.conf["gold"]["backfill_retries"])
+        with gold.built(silver, candidates, windows, first, last, multi_touch=multi_touch, hours=hours) as tables:
+            write_dates(spark, tables, settings, first, last, settings.conf["gold"]["backfill_retries"], hours)
     finally:
-        candidates.unpersist()
+        cached.unpersist()
 
 
 def dates_between(first: dt.date, last: dt.date) -> list[dt.date]:

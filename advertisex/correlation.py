@@ -3,11 +3,12 @@
 One query reads the four silver tables as Delta streams. Watermarked stream-stream joins (the
 ``attribution`` candidate functions, with a bound on every join so state is evicted) find each
 event's candidates as both sides arrive; the candidates are kept in ``gold/_candidates``. Every
-micro-batch then rebuilds the gold rows of the event dates it touched from silver and the
-accumulated candidates, with the same ``gold.build`` the backfill uses. Because that last step
-sees all candidates of an event at once, "latest wins", "none" and the IVT exclusions are exact
-at the end of every micro-batch, including the last one of a finite ``availableNow`` run; no
-answer waits in state for a watermark that a finite run never advances.
+micro-batch then rebuilds the gold rows of the hours of event time it can change
+(``affected_hours``) from silver and the accumulated candidates, with the same ``gold.built`` the
+backfill uses. Because that last step sees all candidates of an event at once, "latest wins",
+"none" and the IVT exclusions are exact at the end of every micro-batch, including the last one
+of a finite ``availableNow`` run; no answer waits in state for a watermark that a finite run never
+advances.
 
 What the stream cannot see is a pair whose later event reached silver after the watermark had
 evicted the other one. Those rows count in ``numRowsDroppedByWatermark`` (or never find a
@@ -19,6 +20,7 @@ import datetime as dt
 import json
 import logging
 import time
+from urllib.parse import unquote
 
 from delta.tables import DeltaTable
 from pyspark import StorageLevel
@@ -38,7 +40,9 @@ CANDIDATE_SCHEMA = (
     "kind STRING, event_id STRING, event_date DATE, campaign_id STRING, match_id STRING, "
     "match_time TIMESTAMP, match_cost DECIMAL(18,6)"
 )
-_TOUCH = "touch"
+_NEW = "new_"  # kind prefix of the rows that stand for a batch's new silver events, not candidates
+_PINNED = "pinned_"  # kind prefix of events an earlier batch read but left out of its gold
+_CLICK_KINDS = [f"{_NEW}clicks", f"{_PINNED}clicks", attribution.CLICK_BY_ID, attribution.CLICK_BY_WINDOW]
 
 
 def read_silver_stream(spark: SparkSession, settings: Settings, table: str) -> DataFrame:
@@ -49,12 +53,13 @@ def read_silver_stream(spark: SparkSession, settings: Settings, table: str) -> D
     )
 
 
-def _touched(df: DataFrame, campaign: str = "campaign_id") -> DataFrame:
-    """A row per new event, saying which date it may change (no join, so never late)."""
+def _touched(df: DataFrame, feed: str, event_id: str = "event_id", campaign: str = "campaign_id") -> DataFrame:
+    """A row per new event, saying which hour it may change (no join, so never late)."""
     return df.select(
-        F.lit(_TOUCH).alias("kind"), F.lit(None).cast("string").alias("event_id"), "event_date",
+        F.lit(f"{_NEW}{feed}").alias("kind"), F.col(event_id).alias("event_id"), "event_date",
         F.col(campaign).alias("campaign_id"), F.lit(None).cast("string").alias("match_id"),
         F.lit(None).cast("timestamp").alias("match_time"), F.lit(None).cast("decimal(18,6)").alias("match_cost"),
+        "event_time",
     )
 
 
@@ -69,10 +74,10 @@ def correlation_stream(spark: SparkSession, settings: Settings) -> DataFrame:
         .unionByName(attribution.win_candidates(s["bid_requests"], s["impressions"], windows, watermark))
     )
     return (
-        candidates.unionByName(_touched(s["impressions"]))
-        .unionByName(_touched(s["clicks"]))
-        .unionByName(_touched(s["conversions"]))
-        .unionByName(_touched(s["bid_requests"], campaign="bid_campaign_id"))
+        candidates.unionByName(_touched(s["impressions"], "impressions", event_id="impression_id"))
+        .unionByName(_touched(s["clicks"], "clicks"))
+        .unionByName(_touched(s["conversions"], "conversions"))
+        .unionByName(_touched(s["bid_requests"], "bid_requests", event_id="auction_id", campaign="bid_campaign_id"))
     )
 
 
@@ -81,6 +86,18 @@ def read_candidates(spark: SparkSession, settings: Settings, first: dt.date, las
         spark.read.format("delta").load(settings.table(CANDIDATES_TABLE))
         .filter(F.col("event_date").between(F.lit(first), F.lit(last)))
     )
+
+
+def _source_offsets(offsets: list[str]) -> list[dict]:
+    """The Delta sources' end offsets in a batch's entry of the query's offset log (its lines)."""
+    ends = []
+    for line in offsets[2:]:  # "v1", then the batch's metadata, then one offset per source
+        if line.strip() == "-":  # a source that has no offset yet
+            continue
+        offset = json.loads(line)
+        if offset.get("reservoirId") is not None:
+            ends.append(offset)
+    return ends
 
 
 def versions_read_by(offsets: list[str], table_ids: dict[str, str]) -> dict[str, int] | None:
@@ -92,20 +109,46 @@ def versions_read_by(offsets: list[str], table_ids: dict[str, str]) -> dict[str,
     table every silver table starts as).
     """
     ends: dict[str, int] = {}
-    for line in offsets[2:]:  # "v1", then the batch's metadata, then one offset per source
-        if line.strip() == "-":  # a source that has no offset yet
-            continue
-        offset = json.loads(line)
-        table = offset.get("reservoirId")
-        if table is not None:
-            ends[table] = min(ends.get(table, offset["reservoirVersion"]), offset["reservoirVersion"])
+    for offset in _source_offsets(offsets):
+        table = offset["reservoirId"]
+        ends[table] = min(ends.get(table, offset["reservoirVersion"]), offset["reservoirVersion"])
     if not all(table_id in ends for table_id in table_ids.values()):
         return None
     return {name: max(ends[table_id] - 1, 0) for name, table_id in table_ids.items()}
 
 
+def partly_read(offsets: list[str], table_ids: dict[str, str]) -> dict[str, set[int]]:
+    """The versions a batch's sources stopped inside (index not -1), by table: their first files'
+    events reached the batch, but its gold was pinned to the version before."""
+    names = {table_id: name for name, table_id in table_ids.items()}
+    partial: dict[str, set[int]] = {}
+    for offset in _source_offsets(offsets):
+        name = names.get(offset["reservoirId"])
+        if name is not None and offset.get("index", -1) != -1:
+            partial.setdefault(name, set()).add(offset["reservoirVersion"])
+    return partial
+
+
+_EVENT_ID = {"impressions": "impression_id", "bid_requests": "auction_id"}  # else event_id
+
+
+def events_added_in(spark: SparkSession, path: str, name: str, version: int) -> DataFrame:
+    """The events one commit added to a silver table (kind, event_id, event_date, event_time), read
+    from the data files its log entry adds."""
+    entry = spark.read.json(f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
+    files = ([] if "add" not in entry.columns else
+             [f"{path.rstrip('/')}/{unquote(r['path'])}"
+              for r in entry.filter(F.col("add.dataChange")).select("add.path").collect()])
+    if not files:
+        return spark.createDataFrame([], "kind STRING, event_id STRING, event_date DATE, event_time TIMESTAMP")
+    return spark.read.parquet(*files).select(
+        F.lit(f"{_PINNED}{name}").alias("kind"), F.col(_EVENT_ID.get(name, "event_id")).alias("event_id"),
+        F.to_date("event_time").alias("event_date"), "event_time",
+    )
+
+
 class GoldBatchWriter:
-    """foreachBatch of the correlation query: keep the candidates, rebuild the touched dates."""
+    """foreachBatch of the correlation query: keep the candidates, rebuild the hours they change."""
 
     def __init__(self, spark: SparkSession, settings: Settings, checkpoint: str, monitor=None):
         self.spark = spark  # the session that started the query (a batch's session lists no queries)
@@ -114,6 +157,15 @@ class GoldBatchWriter:
         self.monitor = monitor
         self._query_id: str | None = None
         self._table_ids: dict[str, str] | None = None
+        self._whole_dates: set[dt.date] | None = None
+
+    def offsets(self, spark: SparkSession, batch_id: int) -> list[str] | None:
+        """The lines of a batch's entry in the query's offset log, or None if it cannot be read."""
+        try:
+            return [r.value for r in spark.read.text(f"{self.checkpoint.rstrip('/')}/offsets/{batch_id}").collect()]
+        except Exception:  # noqa: BLE001 - purged, or never written
+            log.warning("gold batch %d: no readable offset log entry", batch_id, exc_info=True)
+            return None
 
     def silver_versions(self, spark: SparkSession, batch_id: int) -> dict[str, int]:
         """The silver versions this micro-batch's streams read to, so that the gold it rebuilds holds
@@ -124,38 +176,75 @@ class GoldBatchWriter:
         if self._table_ids is None:
             self._table_ids = {name: DeltaTable.forPath(spark, self.settings.table(f"silver/{name}")).detail().first()["id"]
                                for name in gold.SILVER_TABLES}
-        try:
-            offsets = [r.value for r in spark.read.text(f"{self.checkpoint.rstrip('/')}/offsets/{batch_id}").collect()]
-            versions = versions_read_by(offsets, self._table_ids)
-        except Exception:  # noqa: BLE001 - an unreadable offset log: fall back to silver as it is now
-            log.warning("gold batch %d: no readable offset log entry; using silver as of now", batch_id, exc_info=True)
-            versions = None
+        offsets = self.offsets(spark, batch_id)
+        versions = versions_read_by(offsets, self._table_ids) if offsets is not None else None
+        if versions is None:
+            log.warning("gold batch %d: using silver as of now", batch_id)
         return versions if versions is not None else backfill.silver_versions(spark, self.settings)
+
+    def pinned_out(self, spark: SparkSession, batch_id: int, versions: dict[str, int]) -> list[DataFrame]:
+        """Events the previous batch read but left out of its gold: it stopped inside a silver
+        version and pinned gold to the one before. Once this batch's pin reaches that version,
+        their hours are this batch's to rebuild. (From the offset log, so a restart keeps them.)"""
+        previous = self.offsets(spark, batch_id - 1) if batch_id > 0 else None
+        if previous is None:
+            return []
+        return [events_added_in(spark, self.settings.table(f"silver/{name}"), name, version)
+                for name, partial in sorted(partly_read(previous, self._table_ids).items())
+                for version in sorted(partial) if versions[name] >= version]
 
     def query_id(self) -> str:
         if self._query_id is None:
             self._query_id = next(str(q.id) for q in self.spark.streams.active if q.name == QUERY_NAME)
         return self._query_id
 
+    def whole_dates(self, spark: SparkSession) -> set[dt.date]:
+        """Dates with daily rows but no hourly parts: gold written before the daily table was
+        aggregated from parts. Their next rebuild covers all 24 hours, which completes their parts."""
+        def dates_of(table: str) -> DataFrame | None:
+            path = self.settings.table(f"gold/{table}")
+            if not DeltaTable.isDeltaTable(spark, path):
+                return None
+            return spark.read.format("delta").load(path).select("event_date").distinct()
+
+        daily, parts = dates_of(gold.DAILY_TABLE), dates_of(gold.PARTS_TABLE)
+        if daily is None:
+            return set()
+        if parts is not None:
+            daily = daily.join(parts, on="event_date", how="left_anti")
+        return {r["event_date"] for r in daily.collect()}
+
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
         started_at = dt.datetime.now(dt.timezone.utc)
         spark = batch_df.sparkSession
         versions = self.silver_versions(spark, batch_id)
+        if self._whole_dates is None:
+            self._whole_dates = self.whole_dates(spark)
+        pinned_out = self.pinned_out(spark, batch_id, versions)
         batch = batch_df.persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            candidates = batch.filter(F.col("kind") != _TOUCH)
-            lake.append_once(candidates, self.settings.table(CANDIDATES_TABLE), f"{self.query_id()}:candidates",
-                             batch_id, ["event_date"])
-            dates = sorted(r["event_date"] for r in batch.select("event_date").distinct().collect()
-                           if r["event_date"] is not None)
-            found, rows = candidates.count(), batch.count()
+            rows, found, hours = batch.count(), 0, {}
+            if rows:  # an empty batch (one that only moves the watermark) has nothing to keep
+                candidates = batch.filter(~F.col("kind").startswith(_NEW)).select(*attribution.CANDIDATE_COLUMNS)
+                lake.append_once(candidates, self.settings.table(CANDIDATES_TABLE), f"{self.query_id()}:candidates",
+                                 batch_id, ["event_date"])
+                found = candidates.count()
+            if rows or pinned_out:
+                events = batch.select("kind", "event_id", "event_date", "event_time")
+                for frame in pinned_out:
+                    events = events.unionByName(frame)
+                hours = affected_hours(spark, self.settings, events, versions)
         finally:
             batch.unpersist()
-        dates = affected_dates(dates)
+        for date in self._whole_dates & set(hours):
+            hours[date] = list(range(24))
+        dates = sorted(hours)
         for first, last in date_runs(dates):
             backfill.rebuild(spark, self.settings, first, last, multi_touch=False, silver_versions=versions,
-                             candidates_of=lambda silver, since, last=last: read_candidates(spark, self.settings, since, last))
+                             candidates_of=lambda silver, since, last=last: read_candidates(spark, self.settings, since, last),
+                             hours={d: h for d, h in hours.items() if first <= d <= last})
+        self._whole_dates -= set(dates)
         figures = day_figures(spark, self.settings, dates[-1], versions) if dates else {}
         seconds = time.monotonic() - started
         # One ops/metrics row per gold batch too: its end is when this batch's events reached gold.
@@ -166,8 +255,83 @@ class GoldBatchWriter:
         )
         if self.monitor is not None and figures:
             self.monitor.gold_batch(figures)
-        log.info("gold batch %d: %d new candidates, dates %s rebuilt in %.1f s", batch_id, found,
-                 ", ".join(d.isoformat() for d in dates) or "none", seconds)
+        log.info("gold batch %d: %d new candidates, %d hours of dates %s rebuilt in %.1f s", batch_id, found,
+                 sum(len(h) for h in hours.values()), ", ".join(d.isoformat() for d in dates) or "none", seconds)
+
+
+def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, versions: dict[str, int]
+                   ) -> dict[dt.date, list[int]]:
+    """The hours of event time whose gold rows a micro-batch can change, by date. ``events``: the
+    batch's rows (kind, event_id, event_date, event_time), new silver events and new candidates.
+    - the hours of its new events, and of the events it found new candidates for;
+    - for each such click, the hours of the same user's clicks up to ``repeat_click`` after it
+      (whether they repeat it may change);
+    - the hours of the conversions that have one of those clicks as a candidate (their touch may
+      change with the click's verdict or impression);
+    - for an impression an earlier batch left out of its gold (kind ``pinned_impressions``), the
+      clicks and conversions attributed to it: they were rebuilt without its website, country and
+      device. (A new impression's are in the batch already, as its candidates.)
+
+    Only the ``affected_dates`` of the batch's event dates count.
+    """
+    events = events.filter(F.col("event_time").isNotNull())
+    dates = affected_dates(sorted(r["event_date"] for r in events.select("event_date").distinct().collect()))
+    if not dates:
+        return {}
+    first, last = dates[0], dates[-1]
+    in_dates = F.col("event_date").isin(*[F.lit(d) for d in dates])
+    times = events.select("event_time")
+    changed_ids = events.filter(F.col("kind").isin(*_CLICK_KINDS)).select(F.col("event_id").alias("changed_id"))
+    viewers = None  # conversions with a view-through candidate on a pinned-out impression
+    pinned = events.filter(F.col("kind") == f"{_PINNED}impressions").select(F.col("event_id").alias("pinned_id"))
+    if not pinned.isEmpty():
+        referrers = (
+            read_candidates(spark, settings, first, last)
+            .filter(in_dates & F.col("kind").isin(attribution.CLICK_BY_ID, attribution.CLICK_BY_WINDOW,
+                                                  attribution.CONVERSION_VIEW))
+            .join(F.broadcast(pinned), on=F.col("match_id") == F.col("pinned_id"), how="left_semi")
+            .select("kind", "event_id")
+            .localCheckpoint()
+        )
+        changed_ids = changed_ids.unionByName(referrers.filter(F.col("kind") != attribution.CONVERSION_VIEW)
+                                              .select(F.col("event_id").alias("changed_id")))
+        viewers = referrers.filter(F.col("kind") == attribution.CONVERSION_VIEW).select(F.col("event_id").alias("dependent_id"))
+    changed_ids = changed_ids.distinct()
+    if not changed_ids.isEmpty() or viewers is not None:
+        silver = {name: df.filter(in_dates) for name, df in backfill.read_silver(spark, settings, first, last, versions).items()}
+        clicks = silver["clicks"].select("event_id", "user_key", "event_time")
+        changed = (
+            clicks.join(F.broadcast(changed_ids), on=F.col("event_id") == F.col("changed_id"), how="left_semi")
+            .select(F.col("user_key").alias("c_user"), F.col("event_time").alias("c_time"))
+        )
+        window = attribution.interval(Windows.from_conf(settings.conf).repeat_click)
+        followers = clicks.join(
+            F.broadcast(changed),
+            on=(F.col("user_key") == F.col("c_user")) & (F.col("event_time") > F.col("c_time"))
+            & (F.col("event_time") <= F.col("c_time") + window),
+            how="left_semi",
+        )
+        touched_clicks = changed_ids.unionByName(followers.select(F.col("event_id").alias("changed_id")))
+        dependents = (
+            read_candidates(spark, settings, first, last)
+            .filter(in_dates & (F.col("kind") == attribution.CONVERSION_CLICK))
+            .join(F.broadcast(touched_clicks), on=F.col("match_id") == F.col("changed_id"), how="left_semi")
+            .select(F.col("event_id").alias("dependent_id"))
+        )
+        if viewers is not None:
+            dependents = dependents.unionByName(viewers)
+        conversions = silver["conversions"].join(
+            F.broadcast(dependents), on=F.col("event_id") == F.col("dependent_id"), how="left_semi")
+        times = times.unionByName(followers.select("event_time")).unionByName(conversions.select("event_time"))
+    rows = (
+        times.select(F.to_date("event_time").alias("date"), F.hour("event_time").alias("hour"))
+        .filter(F.col("date").isin(*[F.lit(d) for d in dates]))
+        .distinct().collect()
+    )
+    hours: dict[dt.date, list[int]] = {}
+    for r in rows:
+        hours.setdefault(r["date"], []).append(r["hour"])
+    return {date: sorted(of_date) for date, of_date in hours.items()}
 
 
 _DAY_FIGURES = ("impressions", "clicks", "attributed_clicks", "conversions")
@@ -221,15 +385,10 @@ def settled_auctions(spark: SparkSession, settings: Settings, day: dt.date, vers
 
 
 def affected_dates(touched: list[dt.date]) -> list[dt.date]:
-    """The touched dates, plus the day after each when the batch reaches it: a click or an
-    impression can change the touch of a conversion up to 24 h later. (A change to a day whose
-    next day this batch does not reach is left to the backfill: rebuilding tomorrow every batch
-    would cost a rebuild for nothing.)"""
-    if not touched:
-        return []
-    latest = max(touched)
-    following = {d + dt.timedelta(days=1) for d in touched if d + dt.timedelta(days=1) <= latest}
-    return sorted(set(touched) | following)
+    """The touched dates and the day after each: a click or an impression can change the touch of a
+    conversion up to 24 h later, and a click the repeat verdict of one just after midnight. Only
+    the hours that do depend on the batch are rebuilt there (``affected_hours``)."""
+    return sorted(set(touched) | {d + dt.timedelta(days=1) for d in touched})
 
 
 def date_runs(dates: list[dt.date]) -> list[tuple[dt.date, dt.date]]:

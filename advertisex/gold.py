@@ -27,7 +27,13 @@ TABLES = {
     "attributed_conversions": ["event_date", "campaign_id"],
     "attribution_multi_touch": ["event_date", "campaign_id"],
     "bid_funnel_hourly": ["event_date"],
+    # Hidden: the daily table's measures per hour (to_daily_parts), which the daily table is
+    # aggregated from, so that replacing some hours of a date does not need the date's silver.
+    "_daily_parts": ["event_date"],
 }
+DAILY_TABLE, PARTS_TABLE = "campaign_performance_daily", "_daily_parts"
+# The SQL that gives a gold row's event hour, where a write replaces hours rather than dates.
+HOUR_OF = {"attributed_clicks": "hour(click_time)", "attributed_conversions": "hour(conversion_time)"}
 STREAMING_TABLES = [t for t in TABLES if t != "attribution_multi_touch"]  # multi-touch is the backfill's
 HOURLY_KEYS = ["event_date", "event_hour", "campaign_id", "creative_id", "website", "country", "device_type"]
 SILVER_TABLES = ["impressions", "clicks", "conversions", "bid_requests"]
@@ -122,47 +128,61 @@ DAILY_COLUMNS = [
     "attributed_conversions", "conversion_value", "spend", "ivt_impressions", "ivt_clicks",
     "ctr", "cvr", "cpm", "cpc", "cpa", "roas", "bids", "wins", "win_rate", "unique_users_sketch",
 ]
+PART_KEYS = ["event_date", "event_hour", "campaign_id"]
+PART_COUNTS = ["impressions", "ivt_impressions", "clicks", "attributed_clicks", "ivt_clicks", "conversions",
+               "attributed_conversions", "bids", "wins"]
+PART_MONEY = ["spend", "conversion_value"]
 
 
-def to_campaign_daily(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame, bid_requests: DataFrame) -> DataFrame:
-    """SPEC §4 metrics per date and campaign, plus the campaign's ``bids``, ``wins`` and
-    ``win_rate`` (bid requests it bid on, by the request's date; SPEC's funnel has no campaign).
-
-    ``unique_users_sketch`` is the HLL sketch behind ``unique_users``: merge sketches
-    (hll_union_agg) to count users over several days or campaigns.
-    """
+def to_daily_parts(impressions: DataFrame, clicks: DataFrame, conversions: DataFrame, bid_requests: DataFrame) -> DataFrame:
+    """The daily table's measures per hour and campaign: every count and sum, and an HLL sketch of
+    the hour's users (non-IVT impressions). Bids and wins count in the bid request's hour, under the
+    campaign that bid (SPEC's funnel has no campaign)."""
     counted = ~F.col("is_ivt")
-    keys = ["event_date", "campaign_id"]
-    imp = impressions.groupBy(*keys).agg(
+    imp = impressions.groupBy(*PART_KEYS).agg(
         F.count_if(counted).alias("impressions"),
         F.sum(F.when(counted, F.coalesce(F.col("cost"), F.lit(0)))).cast(MONEY).alias("spend"),
         F.count_if(~counted).alias("ivt_impressions"),
         F.hll_sketch_agg(F.when(counted, F.col("user_key"))).alias("unique_users_sketch"),
     )
-    clk = clicks.groupBy(*keys).agg(
+    clk = clicks.groupBy(*PART_KEYS).agg(
         F.count_if(counted).alias("clicks"),
         F.count_if(counted & (F.col("match_type") != "none")).alias("attributed_clicks"),
         F.count_if(~counted).alias("ivt_clicks"),
     )
-    cnv = conversions.filter(counted).groupBy(*keys).agg(
+    cnv = conversions.filter(counted).groupBy(*PART_KEYS).agg(
         F.count(F.lit(1)).alias("conversions"),
         F.count_if(F.col("touch") != "none").alias("attributed_conversions"),
         F.sum(F.coalesce(F.col("conversion_value"), F.lit(0))).cast(MONEY).alias("conversion_value"),
     )
     bid = (
         bid_requests.filter(~F.col("is_ivt") & F.col("has_bid"))
-        .groupBy("event_date", F.col("bid_campaign_id").alias("campaign_id"))
+        .groupBy("event_date", "event_hour", F.col("bid_campaign_id").alias("campaign_id"))
         .agg(F.count(F.lit(1)).alias("bids"), F.count_if(F.col("won")).alias("wins"))
     )
-    daily = imp.join(clk, on=keys, how="full").join(cnv, on=keys, how="full").join(bid, on=keys, how="full")
-    for c in ["impressions", "ivt_impressions", "clicks", "attributed_clicks", "ivt_clicks", "conversions",
-              "attributed_conversions", "bids", "wins"]:
-        daily = daily.withColumn(c, F.coalesce(F.col(c), F.lit(0)).cast("long"))
-    for c in ["spend", "conversion_value"]:
-        daily = daily.withColumn(c, F.coalesce(F.col(c), F.lit(0)).cast(MONEY))
+    parts = imp.join(clk, on=PART_KEYS, how="full").join(cnv, on=PART_KEYS, how="full").join(bid, on=PART_KEYS, how="full")
+    return parts.select(
+        *PART_KEYS,
+        *[F.coalesce(F.col(c), F.lit(0)).cast("long").alias(c) for c in PART_COUNTS],
+        *[F.coalesce(F.col(c), F.lit(0)).cast(MONEY).alias(c) for c in PART_MONEY],
+        "unique_users_sketch",
+    )
+
+
+def daily_from_parts(parts: DataFrame) -> DataFrame:
+    """SPEC §4 metrics per date and campaign, plus the campaign's ``bids``, ``wins`` and
+    ``win_rate``, aggregated from ``to_daily_parts`` rows.
+
+    ``unique_users_sketch`` is the union of the hours' sketches, the HLL sketch behind
+    ``unique_users``: merge sketches (hll_union_agg) to count users over several days or campaigns.
+    """
     spend = F.col("spend")
     return (
-        daily.withColumn("unique_users", F.coalesce(F.hll_sketch_estimate("unique_users_sketch"), F.lit(0)).cast("long"))
+        parts.groupBy("event_date", "campaign_id")
+        .agg(*[F.sum(c).cast("long").alias(c) for c in PART_COUNTS],
+             *[F.sum(c).cast(MONEY).alias(c) for c in PART_MONEY],
+             F.hll_union_agg("unique_users_sketch").alias("unique_users_sketch"))
+        .withColumn("unique_users", F.coalesce(F.hll_sketch_estimate("unique_users_sketch"), F.lit(0)).cast("long"))
         .withColumn("ctr", _ratio(F.col("clicks"), F.col("impressions")))
         .withColumn("cvr", _ratio(F.col("conversions"), F.col("clicks")))
         .withColumn("cpm", _ratio(spend * 1000, F.col("impressions"), MONEY))
@@ -172,6 +192,24 @@ def to_campaign_daily(impressions: DataFrame, clicks: DataFrame, conversions: Da
         .withColumn("win_rate", _ratio(F.col("wins"), F.col("bids")))
         .select(*DAILY_COLUMNS)
     )
+
+
+def in_hours(hours: dict[dt.date, list[int]], hour: Column | None = None) -> Column:
+    """Rows of the given hours of the given dates (``hour``: the row's hour, default event_hour)."""
+    hour = F.col("event_hour") if hour is None else hour
+    condition = F.lit(False)
+    for date, of_date in sorted(hours.items()):
+        condition = condition | ((F.col("event_date") == F.lit(date)) & hour.isin(*of_date))
+    return condition
+
+
+def scope_sql(table: str, first: dt.date, last: dt.date, hours: dict[dt.date, list[int]] | None = None) -> str:
+    """The rows of ``table`` a write for the dates (or only the given hours of them) replaces."""
+    if hours is None or table == DAILY_TABLE:  # a daily row is the whole date's
+        return f"event_date >= '{first.isoformat()}' AND event_date <= '{last.isoformat()}'"
+    hour = HOUR_OF.get(table, "event_hour")
+    return " OR ".join(f"(event_date = '{date.isoformat()}' AND {hour} IN ({', '.join(str(h) for h in of_date)}))"
+                       for date, of_date in sorted(hours.items()))
 
 
 def to_attributed_clicks(clicks: DataFrame) -> DataFrame:
@@ -272,8 +310,10 @@ def to_multi_touch(conversions: DataFrame, impressions: DataFrame, clicks: DataF
 
 @contextmanager
 def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows, first: dt.date, last: dt.date,
-          multi_touch: bool = True) -> Iterator[dict[str, DataFrame]]:
-    """Every gold table's rows for the event dates ``first`` to ``last``, as lazy frames.
+          multi_touch: bool = True, hours: dict[dt.date, list[int]] | None = None) -> Iterator[dict[str, DataFrame]]:
+    """The gold rows of the event dates ``first`` to ``last`` (or, given ``hours``, of only those
+    hours of those dates), as lazy frames: every table but the daily one, which ``daily_from_parts``
+    aggregates from the ``_daily_parts`` rows once they are written.
 
     ``silver`` holds the four event tables from ``lookback_days`` before ``first`` to ``last``
     (the backfill: to ``lookahead_days`` after it);
@@ -281,25 +321,51 @@ def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows,
     The resolved events are cached while the caller writes the tables (each table reads them
     again), and released when the ``with`` block ends.
     """
+    if hours is not None and multi_touch:
+        raise ValueError("multi-touch credits are built for whole dates only")
     cached: list[DataFrame] = []
 
     def keep(df: DataFrame) -> DataFrame:
         cached.append(df.persist(StorageLevel.MEMORY_AND_DISK))
         return cached[-1]
 
-    def in_range(df: DataFrame) -> DataFrame:
-        return df.filter(F.col("event_date").between(F.lit(first), F.lit(last)))
+    def in_scope(df: DataFrame) -> DataFrame:
+        df = df.filter(F.col("event_date").between(F.lit(first), F.lit(last)))
+        return df if hours is None else df.filter(in_hours(hours))
 
     try:
-        impressions = keep(silver["impressions"].select(*IMPRESSION_COLUMNS))
+        # Clicks and conversions are resolved over the whole lookback (an hour's click may be a
+        # repeat of the one before it; an hour's conversion may touch a click of yesterday): they
+        # are the small feeds. Impressions and bid requests are read for the scope alone.
         clicks = keep(attribution.resolve_clicks(silver["clicks"], candidates, windows))
         conversions = keep(attribution.resolve_conversions(silver["conversions"], candidates, clicks))
-        bid_requests = keep(attribution.resolve_wins(in_range(silver["bid_requests"].select(*BID_REQUEST_COLUMNS)),
-                                                     candidates))
-        day_impressions, day_clicks, day_conversions = (in_range(df) for df in (impressions, clicks, conversions))
+        scope_bids = in_scope(silver["bid_requests"].select(*BID_REQUEST_COLUMNS))
+        wins = candidates.filter(F.col("kind") == attribution.WIN)
+        if hours is not None:
+            # A win candidate per won auction of the lookback is most of the candidates: only those of
+            # the scope's auctions, found without shuffling the rest.
+            auctions = scope_bids.select(F.col("auction_id").alias("scope_auction"))
+            wins = wins.join(F.broadcast(auctions), on=F.col("event_id") == F.col("scope_auction"), how="left_semi")
+        bid_requests = keep(attribution.resolve_wins(scope_bids, wins))
+        day_clicks, day_conversions = in_scope(clicks), in_scope(conversions)
+        if hours is None:
+            impressions = keep(silver["impressions"].select(*IMPRESSION_COLUMNS))
+            day_impressions, touched = in_scope(impressions), impressions
+        else:
+            # The impressions the scope's clicks and conversions are attributed to may lie in any
+            # earlier hour: those alone, by id, rather than a cache of the whole lookback.
+            impressions = silver["impressions"].select(*IMPRESSION_COLUMNS)
+            day_impressions = keep(in_scope(impressions))
+            ids = (
+                day_clicks.select(F.col("matched_impression_id").alias("touched_id"))
+                .unionByName(day_conversions.select(F.col("touch_impression_id").alias("touched_id")))
+                .filter(F.col("touched_id").isNotNull()).distinct()
+            )
+            touched = keep(impressions.join(F.broadcast(ids), on=F.col("impression_id") == F.col("touched_id"),
+                                            how="left_semi"))
         tables = {
-            "campaign_performance_hourly": to_campaign_hourly(day_impressions, day_clicks, day_conversions, impressions),
-            "campaign_performance_daily": to_campaign_daily(day_impressions, day_clicks, day_conversions, bid_requests),
+            "campaign_performance_hourly": to_campaign_hourly(day_impressions, day_clicks, day_conversions, touched),
+            PARTS_TABLE: to_daily_parts(day_impressions, day_clicks, day_conversions, bid_requests),
             "attributed_clicks": to_attributed_clicks(day_clicks),
             "attributed_conversions": to_attributed_conversions(day_conversions),
             "bid_funnel_hourly": to_bid_funnel_hourly(bid_requests),

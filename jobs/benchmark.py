@@ -2,6 +2,7 @@
 
     .venv/bin/python jobs/benchmark.py --impressions 1000000 [--work DIR] [--keep] [--ingestion-only]
     .venv/bin/python jobs/benchmark.py --realtime --impressions 100000 --rate 5000 [--duration 120]
+    .venv/bin/python jobs/benchmark.py --gold-scope --work DIR   # on the lake a run above left in DIR
 
 All runs use the same drops. The ceiling reads every file of the three feeds with spark.read and
 an explicit schema and appends them to Delta with no logic. The pipeline runs jobs/pipeline.py
@@ -9,7 +10,8 @@ with availableNow: files -> bronze/quarantine/silver, then the correlation query
 correlation query is run again from a fresh checkpoint with each state store provider, and the
 backfill recomputes every date. ``--ingestion-only`` stops after files -> silver (the ceiling
 comparison alone). Figures are events per second over all three feeds (the backfill: silver
-events).
+events). ``--gold-scope`` times what one streaming gold batch costs when it rebuilds a whole date,
+two hours of it, or one hour, on an existing lake.
 """
 from __future__ import annotations
 
@@ -58,6 +60,29 @@ def _print_rows(rows: list[tuple[str, float, float]]) -> None:
         print(f"{name:<72} {seconds:>9.1f} {rate:>11,.0f} {rate / rows[0][2]:>9.0%}")
 
 
+def gold_scope(spark, settings, repeats: int) -> None:
+    """The streaming gold rebuild (candidates from gold/_candidates) of the lake's middle date: the
+    whole date, then two hours and one hour of it, in turn, ``repeats`` times."""
+    impressions = spark.read.format("delta").load(settings.table("silver/impressions"))
+    dates = sorted(r["event_date"] for r in impressions.select("event_date").distinct().collect() if r["event_date"])
+    day = dates[len(dates) // 2]
+    count = impressions.filter(impressions["event_date"] == day).count()
+    versions = backfill.silver_versions(spark, settings)
+    scopes = {"whole date": None, "2 hours (12-13)": {day: [12, 13]}, "1 hour (12)": {day: [12]}}
+    seconds: dict[str, list[float]] = {name: [] for name in scopes}
+    for _ in range(repeats):
+        for name, hours in scopes.items():
+            started = time.monotonic()
+            backfill.rebuild(spark, settings, day, day, multi_touch=False, silver_versions=versions, hours=hours,
+                             candidates_of=lambda silver, since: correlation.read_candidates(spark, settings, since, day))
+            seconds[name].append(time.monotonic() - started)
+    print(f"\nstreaming gold rebuild of {day} ({count:,} impressions); the first round is cold")
+    print(f"{'scope':<20} {'first':>7} {'median of the rest':>19} {'range of the rest':>18}")
+    for name, runs in seconds.items():
+        rest = sorted(runs[1:])
+        print(f"{name:<20} {runs[0]:>7.1f} {rest[len(rest) // 2]:>19.1f} {f'{rest[0]:.1f}-{rest[-1]:.1f}':>18}")
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.splitlines()[0])
     parser.add_argument("--impressions", type=int, default=1_000_000)
@@ -73,8 +98,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rate", type=float, default=5000, help="events per second in the fixed-rate runs")
     parser.add_argument("--duration", type=int, default=120, help="seconds of input in the fixed-rate runs")
     parser.add_argument("--bootstrap-servers", help="use these brokers instead of starting scripts/kafka.sh")
+    parser.add_argument("--gold-scope", action="store_true",
+                        help="on the lake an earlier run left in --work: a gold batch's rebuild of a date, 2 hours, 1 hour")
     args = parser.parse_args(argv)
     os.environ.setdefault("ADVX_PSEUDONYMIZATION_KEY", "benchmark-key")
+    if args.gold_scope:
+        lake = os.path.join(args.work, "lake")
+        if not os.path.isdir(os.path.join(lake, "gold", "_candidates")):
+            raise ConfigError(f"--gold-scope needs the lake of an earlier full run in --work: no {lake}/gold/_candidates")
+        settings = load_conf(args.conf, {"landing": os.path.join(args.work, "landing"), "lake": lake})
+        gold_scope(build_session(settings, "advertisex-benchmark-gold-scope"), settings, repeats=4)
+        return
     if args.realtime:
         if args.duration < 60:
             raise ConfigError("--duration must be at least 60 seconds")

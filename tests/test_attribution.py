@@ -175,6 +175,6 @@ def test_touched_dates_become_runs_of_consecutive_dates():
     d = dt.date(2026, 11, 16)
     days = [d + dt.timedelta(days=n) for n in (0, 1, 2, 30)]
     assert correlation.date_runs(days) == [(days[0], days[2]), (days[3], days[3])]
-    assert correlation.affected_dates([days[0], days[2]]) == days[:3]
-    assert correlation.affected_dates([days[3]]) == [days[3]]
+    assert correlation.affected_dates([days[0], days[2]]) == [days[0], days[1], days[2], days[2] + dt.timedelta(days=1)]
+    assert correlation.affected_dates([]) == []
     assert correlation.date_runs([]) == []
