@@ -322,7 +322,11 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
             dependents = dependents.unionByName(viewers)
         conversions = silver["conversions"].join(
             F.broadcast(dependents), on=F.col("event_id") == F.col("dependent_id"), how="left_semi")
-        times = times.unionByName(followers.select("event_time")).unionByName(conversions.select("event_time"))
+        times = (
+            times.unionByName(changed.select(F.col("c_time").alias("event_time")))  # clicks referring to pinned-out impressions
+            .unionByName(followers.select("event_time"))
+            .unionByName(conversions.select("event_time"))
+        )
     rows = (
         times.select(F.to_date("event_time").alias("date"), F.hour("event_time").alias("hour"))
         .filter(F.col("date").isin(*[F.lit(d) for d in dates]))

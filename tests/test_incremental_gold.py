@@ -114,9 +114,9 @@ def test_the_hours_an_impression_left_out_of_gold_changes(spark, tmp_path):
     pipeline.ensure_silver_tables(spark, settings, pipeline.privacy_from(settings))
     correlation.ensure_tables(spark, settings)
     append_silver(spark, settings, "clicks", [
-        {"event_id": "k1", "event_time": at(10, 59, 58), "event_hour": 10, "user_key": "u1", "impression_id": "i9"},
-        {"event_id": "k5", "event_time": at(11, 0, 4), "event_hour": 11, "user_key": "u1"},  # 6 s after k1
-        {"event_id": "k7", "event_time": at(11, 30), "event_hour": 11, "user_key": "u7"}])
+        {"event_id": "k1", "event_time": at(11, 59, 58), "event_hour": 11, "user_key": "u1", "impression_id": "i9"},
+        {"event_id": "k5", "event_time": at(12, 0, 4), "event_hour": 12, "user_key": "u1"},  # 6 s after k1
+        {"event_id": "k7", "event_time": at(14, 30), "event_hour": 14, "user_key": "u7"}])
     append_silver(spark, settings, "conversions", [
         {"event_id": "v1", "event_time": at(13, 0), "event_hour": 13, "user_key": "u1"},
         {"event_id": "v2", "event_time": at(15, 30), "event_hour": 15, "user_key": "u1"},
@@ -134,4 +134,5 @@ def test_the_hours_an_impression_left_out_of_gold_changes(spark, tmp_path):
                                    "kind string, event_id string, event_date date, event_time timestamp")
 
     hours = correlation.affected_hours(spark, settings, events, backfill.silver_versions(spark, settings))
-    assert hours == {DAY: [10, 11, 13, 15]}
+    # i9 itself (10), k1 (11), k5 (12), v1 through k5 (13), v2 through i9 (15); not v3 (18) or k7.
+    assert hours == {DAY: [10, 11, 12, 13, 15]}
