@@ -13,7 +13,7 @@ import yaml
 TEST_KEY = "test-pseudonymization-key"
 os.environ["ADVX_PSEUDONYMIZATION_KEY"] = TEST_KEY
 
-from advertisex import pipeline  # noqa: E402
+from advertisex import correlation, pipeline  # noqa: E402
 from advertisex.config import Settings, load_conf  # noqa: E402
 from advertisex.generator import Generator, GeneratorOptions, KafkaPublisher, generate  # noqa: E402
 from advertisex.session import build_session  # noqa: E402
@@ -42,6 +42,17 @@ def read_table(spark, settings: Settings, table: str):
 
 def run_pipeline(spark, settings: Settings) -> None:
     pipeline.run(spark, settings, available_now=True)
+
+
+def run_correlation(spark, settings: Settings):
+    """The correlation query over all of silver (availableNow), stopped in any case; the query."""
+    query = correlation.start(spark, settings, available_now=True)
+    try:
+        query.awaitTermination()
+    finally:
+        query.stop()
+    assert query.exception() is None
+    return query
 
 
 def drop_samples(landing) -> None:

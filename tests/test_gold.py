@@ -17,7 +17,7 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from advertisex import attribution, backfill, correlation, gold
-from conftest import ROOT, read_table
+from conftest import ROOT, read_table, run_correlation
 
 COUNTS = ["impressions", "clicks", "attributed_clicks", "conversions", "attributed_conversions",
           "ivt_impressions", "ivt_clicks", "bids", "wins"]
@@ -224,12 +224,7 @@ def test_gold_rebuilt_hour_by_hour_equals_the_backfill(spark, generated_lake, ve
     small = dataclasses.replace(settings, conf=conf)
     shutil.copytree(settings.table("silver"), small.table("silver"))
     caplog.set_level(logging.INFO, logger="advertisex")
-    query = correlation.start(spark, small, available_now=True)
-    try:
-        query.awaitTermination()
-    finally:
-        query.stop()
-    assert query.exception() is None
+    run_correlation(spark, small)
     rebuilt = [re.search(r"(\d+) hours of dates (.+) rebuilt", r.getMessage()) for r in caplog.records
                if r.getMessage().startswith("gold batch")]
     assert len(rebuilt) >= 8

@@ -13,7 +13,7 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from advertisex import backfill, correlation, gold, pipeline
-from conftest import read_table, settings_for
+from conftest import read_table, run_correlation, settings_for
 from test_late_data import DAY, append_silver
 
 
@@ -56,12 +56,7 @@ def test_a_batch_rebuilds_the_hours_its_events_change_through_clicks(spark, tmp_
     append_silver(spark, settings, "clicks", [
         {"event_id": "k2", "event_time": at(10, 59, 58), "event_hour": 10, "user_key": "u2", "impression_id": "i1"}])
 
-    query = correlation.start(spark, settings, available_now=True)
-    try:
-        query.awaitTermination()
-    finally:
-        query.stop()
-    assert query.exception() is None
+    run_correlation(spark, settings)
     streamed = gold_tables(spark, settings)
 
     hourly = streamed["campaign_performance_hourly"].select(
@@ -94,12 +89,7 @@ def test_a_batch_rebuilds_the_hours_its_events_change_through_clicks(spark, tmp_
     append_silver(spark, settings, "impressions", [
         {"impression_id": "i20", "event_time": at(20, 0), "event_hour": 20, "user_key": "u5", "website": "w1",
          "cost": Decimal("0.004")}])
-    query = correlation.start(spark, settings, available_now=True)
-    try:
-        query.awaitTermination()
-    finally:
-        query.stop()
-    assert query.exception() is None
+    run_correlation(spark, settings)
     daily = read_table(spark, settings, "gold/campaign_performance_daily").select(
         "impressions", "clicks", "conversions", F.col("spend").cast("double").alias("spend"))
     assert_df_equality(daily, spark.createDataFrame([(3, 2, 2, 0.009)], daily.schema), ignore_nullable=True)
