@@ -3,8 +3,6 @@ none of the batch's own events or candidates lie in; the stream must still end w
 gold."""
 from __future__ import annotations
 
-import copy
-import dataclasses
 import shutil
 import datetime as dt
 from decimal import Decimal
@@ -14,7 +12,7 @@ from pyspark.sql import functions as F
 
 from advertisex import backfill, correlation, gold, pipeline
 from conftest import read_table, run_correlation, settings_for
-from test_late_data import DAY, append_silver
+from test_late_data import DAY, append_silver, batch_per_commit_lake
 
 
 def at(hh: int, mm: int, ss: int = 0) -> dt.datetime:
@@ -27,10 +25,7 @@ def gold_tables(spark, settings) -> dict:
 
 
 def test_a_batch_rebuilds_the_hours_its_events_change_through_clicks(spark, tmp_path):
-    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
-    settings = dataclasses.replace(settings, conf=copy.deepcopy(settings.conf))
-    settings.conf["correlation"]["max_files_per_trigger"] = 1  # one silver commit per micro-batch
-    pipeline.ensure_silver_tables(spark, settings, pipeline.privacy_from(settings))
+    settings = batch_per_commit_lake(spark, tmp_path)
     # First commits, one micro-batch:
     # - u1: click k1 at 11:00 names impression i9, not in silver yet; conversion v1 at 13:00 touches k1.
     # - u2: impression i1 at 10:59, click k3 on it at 11:00:03, conversion v2 at 12:30 touches k3.

@@ -28,11 +28,18 @@ def append_silver(spark, settings, table: str, rows: list[dict]) -> None:
     spark.createDataFrame(data, target).write.format("delta").mode("append").save(settings.table(f"silver/{table}"))
 
 
-def test_a_join_partner_behind_the_watermark_is_counted_and_the_backfill_restores_it(spark, tmp_path):
+def batch_per_commit_lake(spark, tmp_path):
+    """Empty silver tables in a lake under ``tmp_path`` whose correlation query reads one silver
+    commit per micro-batch and table; its settings."""
     settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
     settings = dataclasses.replace(settings, conf=copy.deepcopy(settings.conf))
-    settings.conf["correlation"]["max_files_per_trigger"] = 1  # one silver commit per micro-batch
+    settings.conf["correlation"]["max_files_per_trigger"] = 1
     pipeline.ensure_silver_tables(spark, settings, pipeline.privacy_from(settings))
+    return settings
+
+
+def test_a_join_partner_behind_the_watermark_is_counted_and_the_backfill_restores_it(spark, tmp_path):
+    settings = batch_per_commit_lake(spark, tmp_path)
     # One silver commit per micro-batch and table. The query's watermark is the minimum over every
     # join input, and an input that has seen no row holds it at zero, so batch 0 gives each one a
     # row (a click naming an impression that does not exist, an impression with an auction, a
