@@ -78,6 +78,10 @@ class GeneratorOptions:
     untouched_conversion_rate: float = 0.001
     gzip_every: int = 3
     corrupt_avro_files: int = 1
+    # Event time covers this many seconds from ``start`` instead of ``days`` days (0: days), in the
+    # same days x files_per_day file slots; clicks and conversions that would fall after it are
+    # not generated. A fixed-rate run uses it so that event time advances with the clock.
+    span_seconds: int = 0
 
 
 @dataclass
@@ -132,7 +136,7 @@ class _Drops:
         self.slots: list[list] = [[] for _ in range(slots)]
 
     def add(self, slot: int, record) -> None:
-        self.slots[min(slot, len(self.slots) - 1)].append(record)
+        self.slots[max(0, min(slot, len(self.slots) - 1))].append(record)
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -148,7 +152,8 @@ class Generator:
         self.rng = random.Random(options.seed)
         self.start = dt.datetime.fromisoformat(options.start).replace(tzinfo=UTC)
         self.slots = options.days * options.files_per_day
-        self.slot_span = dt.timedelta(days=options.days) / self.slots
+        self.span = dt.timedelta(seconds=options.span_seconds) if options.span_seconds else dt.timedelta(days=options.days)
+        self.slot_span = self.span / self.slots
         self.manifest = Manifest(options=asdict(options), quarantine_by_rule={
             "impressions": Counter(), "clicks_conversions": Counter(), "bid_requests": Counter()})
         self._build_world()
@@ -175,7 +180,9 @@ class Generator:
         return int((ts - self.start) / self.slot_span)
 
     def _event_time(self) -> dt.datetime:
-        return _ms(self.start + dt.timedelta(seconds=self.rng.uniform(0, self.o.days * 86400 - 7200)))
+        # Over days, the last two hours are left to the clicks and conversions that follow.
+        room = self.span.total_seconds() - (0 if self.o.span_seconds else 7200)
+        return _ms(self.start + dt.timedelta(seconds=self.rng.uniform(0, room)))
 
     def _arrival_slot(self, ts: dt.datetime, feed: str) -> int:
         slot = self._slot_of(ts)
@@ -227,6 +234,8 @@ class Generator:
             elif not is_bot:
                 valid_events.extend(self._unclicked_conversion(imp, ts, creative))
         bar.close()
+        if self.o.span_seconds:  # what would happen after the span is not part of this feed
+            valid_events = [e for e in valid_events if e["ts"] < self.start + self.span]
         self._lost_auctions(valid_bids)
 
         for record in valid_events:

@@ -2,7 +2,7 @@
 bronze and silver.
 
 A micro-batch of a feed is written four times, each write idempotent for (query id, batch id):
-bronze (append), quarantine (append), silver (insert of ids not yet present), ops/metrics
+silver (insert of ids not yet present), bronze (append), quarantine (append), ops/metrics
 (append). A batch replayed after a crash therefore changes nothing that was already committed.
 """
 from __future__ import annotations
@@ -199,21 +199,24 @@ class FeedBatchWriter:
         log.info(monitoring.status_line(account, seconds))
 
     def _write(self, staged: DataFrame, account: monitoring.BatchAccount, qid: str, batch_id: int) -> None:
+        """Silver first: it is what the correlation query and every reader wait for. Bronze and
+        quarantine follow from the same cached batch, then the account is read back from silver."""
         feed, table = self.spec.feed, self.settings.table
+        valid = filter_valid(staged)
+        batch_tag = f"{qid}:{batch_id}"
+        for name, build in self.spec.silver_tables.items():
+            # Not cached: the MERGE builds the rows (deduplication, user agents, pseudonyms) in the
+            # pass that writes them, and the batch's account is read back from what it committed.
+            lake.insert_new_rows(build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag)),
+                                 table(f"silver/{name}"), silver.SILVER_KEYS[name], f"{qid}:silver/{name}", batch_id,
+                                 silver.PARTITIONS[name])
         lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze", batch_id,
                          bronze.BRONZE_PARTITIONS)
         if account.rows_quarantined:
             lake.append_once(to_quarantine(staged, self.spec.raw_text()), table(f"quarantine/{feed}"),
                              f"{qid}:quarantine", batch_id)
-        valid = filter_valid(staged)
-        batch_tag = f"{qid}:{batch_id}"
-        for name, build in self.spec.silver_tables.items():
-            path = table(f"silver/{name}")
-            # Not cached: the MERGE builds the rows (deduplication, user agents, pseudonyms) in the
-            # pass that writes them, and the batch's account is read back from what it committed.
-            lake.insert_new_rows(build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag)), path,
-                                 silver.SILVER_KEYS[name], f"{qid}:silver/{name}", batch_id, silver.PARTITIONS[name])
-            by_campaign, ivt = _campaign_counts(committed_rows(staged.sparkSession, path, batch_tag))
+        for name in self.spec.silver_tables:
+            by_campaign, ivt = _campaign_counts(committed_rows(staged.sparkSession, table(f"silver/{name}"), batch_tag))
             account.by_campaign[f"silver:{name}"] = by_campaign
             account.ivt_rows += ivt
             account.silver_by_table[name] = sum(by_campaign.values())

@@ -97,6 +97,9 @@ def main(argv: list[str]) -> None:
                         help="Kafka against file drops: capacity, then latency and backlog at --rate")
     parser.add_argument("--rate", type=float, default=5000, help="events per second in the fixed-rate runs")
     parser.add_argument("--duration", type=int, default=120, help="seconds of input in the fixed-rate runs")
+    parser.add_argument("--event-time", choices=("live", "compressed"), default="live",
+                        help="fixed-rate runs: event time advances with the clock (live), or two days of it pass "
+                             "in --duration (compressed, the runs before 2026-11-26)")
     parser.add_argument("--bootstrap-servers", help="use these brokers instead of starting scripts/kafka.sh")
     parser.add_argument("--gold-scope", action="store_true",
                         help="on the lake an earlier run left in --work: a gold batch's rebuild of a date, 2 hours, 1 hour")
@@ -115,7 +118,7 @@ def main(argv: list[str]) -> None:
         settings = load_conf(args.conf)
         spark = build_session(settings, "advertisex-benchmark-realtime")
         realtime_bench.main_realtime(spark, settings, args.work, args.impressions, args.rate, args.duration,
-                                     args.bootstrap_servers, ceiling)
+                                     args.bootstrap_servers, ceiling, args.event_time)
         return
     landing = os.path.join(args.work, "landing")
     if not (args.keep and os.path.exists(os.path.join(landing, "manifest.json"))):

@@ -6,14 +6,18 @@
 2. Latency at a fixed rate: a continuous pipeline while events arrive at ``--rate`` per second,
    from Kafka (the producer paces itself) and from files (one drop per feed per second). Latency is
    from the moment an event was produced (Kafka's CreateTime; for files, the moment its file
-   appeared) to the commit of the micro-batch that put it in silver, and to the end of the first
-   gold micro-batch that started after that commit. The backlog (produced - ingested) is sampled
-   every 5 s.
+   appeared) to the Delta commit that put it in silver (the commit's timestamp in the table's log),
+   and to the end of the first gold micro-batch that started after that commit. The backlog
+   (produced - ingested) is sampled every 5 s.
+3. Event time: ``live`` (the default) starts it at the run and lets it advance with the clock, as a
+   real feed's does; ``compressed`` puts two days of it into the run, as the runs before
+   2026-11-26 did.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as dt
 import json
 import os
 import shutil
@@ -160,17 +164,30 @@ def _produced_at_files(spark: SparkSession, dropper: _FileDropper) -> DataFrame:
             .select("name", F.timestamp_seconds("at").alias("produced_at")))
 
 
+def silver_commits(spark: SparkSession, settings: Settings, table: str) -> DataFrame:
+    """(ingest_batch, silver_at): when each micro-batch's MERGE into ``silver/<table>`` committed,
+    from the commit's own timestamp in the Delta log (its transaction names the query and batch)."""
+    log_files = os.path.join(settings.table(f"silver/{table}"), "_delta_log", "*.json")
+    actions = spark.read.schema("commitInfo STRUCT<timestamp: BIGINT>, txn STRUCT<appId: STRING, version: BIGINT>") \
+        .json(log_files).withColumn("file", F.input_file_name())
+    commits = actions.groupBy("file").agg(F.max("commitInfo.timestamp").alias("ms"), F.max("txn.appId").alias("app"),
+                                          F.max("txn.version").alias("version"))
+    return commits.filter(F.col("app").endswith(f":silver/{table}")).select(
+        F.concat_ws(":", F.substring_index("app", ":silver/", 1), F.col("version").cast("string")).alias("ingest_batch"),
+        F.timestamp_millis("ms").alias("silver_at"),
+    )
+
+
 def latencies(spark: SparkSession, settings: Settings, produced: DataFrame, by_file: bool) -> dict:
-    """p50/p95/p99 seconds from production to silver commit and to gold, over every silver event."""
+    """p50/p95/p99 seconds from production to the silver commit and to gold, over every silver event."""
     metrics = spark.read.format("delta").load(settings.table("ops/metrics"))
     ends = F.col("batch_started_at") + F.make_dt_interval(secs=F.col("duration_ms") / 1000)
-    batches = metrics.filter("feed != 'gold'").select(
-        F.concat_ws(":", "query_id", F.col("batch_id").cast("string")).alias("ingest_batch"), ends.alias("silver_at"))
     gold = [(r["started"], r["ended"]) for r in metrics.filter("feed = 'gold'")
             .select(F.col("batch_started_at").alias("started"), ends.alias("ended")).collect()]
     silver = None
     for table in SILVER:
-        part = spark.read.format("delta").load(settings.table(f"silver/{table}")).select("source", "ingest_batch")
+        part = (spark.read.format("delta").load(settings.table(f"silver/{table}")).select("source", "ingest_batch")
+                .join(silver_commits(spark, settings, table), "ingest_batch"))
         silver = part if silver is None else silver.unionByName(part)
     if by_file:  # a file's events share its name; the path prefix differs by URI scheme
         parts = F.split("source", "/")
@@ -178,7 +195,6 @@ def latencies(spark: SparkSession, settings: Settings, produced: DataFrame, by_f
         joined = silver.join(produced, "name", how="inner")
     else:
         joined = silver.join(produced, "source", how="inner")
-    joined = joined.join(batches, "ingest_batch", how="inner")
     gold_batches = F.array(*[F.struct(F.lit(s).alias("started"), F.lit(e).alias("ended")) for s, e in gold])
     # The first gold batch that started at least 1 s after the silver commit has surely seen it.
     reached_gold = F.array_min(F.transform(
@@ -199,16 +215,29 @@ def latencies(spark: SparkSession, settings: Settings, produced: DataFrame, by_f
     return {"events": row["events"], "in_gold": row["in_gold"], "silver": to_s(row["silver"]), "gold": to_s(row["gold"])}
 
 
-def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate: float, duration: int,
-               bootstrap: str) -> dict:
-    """A continuous pipeline fed at ``rate`` events/s for about ``duration`` s; latencies and backlog."""
+def rate_options(rate: float, duration: int, event_time: str, now: dt.datetime) -> GeneratorOptions:
+    """The generator's options for ``duration`` s at ``rate``: one file slot per second.
+
+    ``live``: event time starts now and advances with the clock, as a real feed's does, so a gold
+    batch covers the hour or two the last seconds fell in. ``compressed``: two days of event time
+    pass in ``duration`` (a 24-minute slot per second), so every gold batch spans many hours.
+    """
     impressions = int(rate * duration / EVENTS_PER_IMPRESSION)
+    common = {"impressions": impressions, "gzip_every": 0, "corrupt_avro_files": 0}
+    if event_time == "live":
+        start = now.astimezone(dt.timezone.utc).replace(tzinfo=None, microsecond=0).isoformat()
+        return GeneratorOptions(**common, start=start, days=1, files_per_day=duration, span_seconds=duration)
+    days = max(1, duration // 60)
+    return GeneratorOptions(**common, days=days, files_per_day=duration // days)
+
+
+def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate: float, duration: int,
+               bootstrap: str, event_time: str = "live") -> dict:
+    """A continuous pipeline fed at ``rate`` events/s for about ``duration`` s; latencies and backlog."""
     root = f"{work}/rate-{source}"
     shutil.rmtree(root, ignore_errors=True)
     settings = _settings(base, source, f"{root}/landing", f"{root}/lake", bootstrap, f"rate{int(time.time())}")
-    days = max(1, duration // 60)  # one drop per feed per second: one file slot per second
-    options = GeneratorOptions(impressions=impressions, days=days, files_per_day=duration // days, gzip_every=0,
-                               corrupt_avro_files=0)
+    options = rate_options(rate, duration, event_time, dt.datetime.now(dt.timezone.utc))
     dropper = None
     if source == "kafka":
         from confluent_kafka.admin import AdminClient, NewTopic
@@ -273,11 +302,12 @@ def _seconds(interval: str) -> float:
     return parse_interval(interval).total_seconds()
 
 
-def report(capacity_rows: list, rate_results: list, rate: float) -> str:
+def report(capacity_rows: list, rate_results: list, rate: float, event_time: str = "live") -> str:
     lines = [f"{'run':<64} {'seconds':>8} {'events/s':>10}"]
     for name, seconds, events in capacity_rows:
         lines.append(f"{name:<64} {seconds:>8.1f} {events / seconds:>10,.0f}")
-    lines.append(f"\nfixed rate {rate:,.0f} events/s: latency in seconds (p50 / p95 / p99), backlog = produced - ingested")
+    lines.append(f"\nfixed rate {rate:,.0f} events/s, {event_time} event time: latency in seconds (p50 / p95 / p99), "
+                 "backlog = produced - ingested")
     for r in rate_results:
         fmt = lambda v: " / ".join("-" if x is None else f"{x:.1f}" for x in v)  # noqa: E731
         peak = max((b for _, b in r["backlog"]), default=0)
@@ -289,11 +319,12 @@ def report(capacity_rows: list, rate_results: list, rate: float) -> str:
 
 
 def main_realtime(spark: SparkSession, base: Settings, work: str, impressions: int, rate: float, duration: int,
-                  bootstrap: str | None, ceiling) -> None:
+                  bootstrap: str | None, ceiling, event_time: str = "live") -> None:
     with Broker(work, bootstrap) as broker:
         rows = capacity(spark, base, work, impressions, broker.bootstrap, ceiling)
-        results = [fixed_rate(spark, base, work, source, rate, duration, broker.bootstrap) for source in ("kafka", "files")]
-    text = report(rows, results, rate)
+        results = [fixed_rate(spark, base, work, source, rate, duration, broker.bootstrap, event_time)
+                   for source in ("kafka", "files")]
+    text = report(rows, results, rate, event_time)
     print("\n" + text)
     with open(os.path.join(work, "realtime.json"), "w", encoding="utf-8") as fh:
         json.dump({"capacity": rows, "fixed_rate": results}, fh, indent=2, default=str)

@@ -2,11 +2,16 @@
 the generator's manifest says."""
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import glob
+import json
+
 import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
-from advertisex.generator import Generator
+from advertisex.generator import Generator, GeneratorOptions
 from conftest import GENERATED, read_table, run_pipeline
 
 @pytest.fixture(params=["files", "kafka"])
@@ -102,3 +107,46 @@ def test_rerun_changes_nothing(spark, lake):
     run_pipeline(spark, settings)
     after = {t: read_table(spark, settings, t).count() for t in tables}
     assert after == before
+
+
+def _impression_times(path: str) -> list[dt.datetime]:
+    times = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                stamp = json.loads(line)["timestamp"]
+            except (ValueError, KeyError, TypeError):
+                continue  # the generator's deliberately broken records
+            if isinstance(stamp, int):
+                times.append(dt.datetime.fromtimestamp(stamp / 1000, dt.timezone.utc))
+            elif isinstance(stamp, str) and stamp.startswith("20"):
+                times.append(dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")))
+    return times
+
+
+def test_a_span_of_seconds_keeps_event_time_inside_it_and_every_record_accounted(tmp_path):
+    """The fixed-rate benchmark's live event time: 90 s in 90 one-second slots, no gzip."""
+    start = dt.datetime(2026, 11, 26, 10, 0, 0, tzinfo=dt.timezone.utc)
+    options = GeneratorOptions(impressions=4000, seed=5, start="2026-11-26T10:00:00", days=1, files_per_day=90,
+                               span_seconds=90, gzip_every=0, corrupt_avro_files=0, ctr=0.2)
+    manifest = Generator(options).generate(str(tmp_path), progress=False)
+    files = sorted(glob.glob(str(tmp_path / "impressions" / "*.jsonl")))
+    assert len(files) == 90
+    # The invalid_timestamp records carry 1999 or 2099 on purpose.
+    times = [t for f in files for t in _impression_times(f) if t.year == 2026]
+    assert times and all(start <= t < start + dt.timedelta(seconds=90) for t in times)
+    # Each slot holds the second it names, except the 1 % the generator delivers 2-4 slots late.
+    on_time = sum(start + dt.timedelta(seconds=n) <= t < start + dt.timedelta(seconds=n + 1)
+                  for n, f in enumerate(files) for t in _impression_times(f))
+    assert on_time >= 0.95 * len(times)
+    clicks = []
+    for path in glob.glob(str(tmp_path / "clicks_conversions" / "*.csv")):
+        with open(path, encoding="utf-8") as fh:
+            rows = [r for r in csv.reader(fh) if len(r) == 10 and r[3] != "u-bad" and r[0] != "event_id"]
+        clicks += [dt.datetime.fromisoformat(r[1].replace("Z", "+00:00")).replace(tzinfo=dt.timezone.utc) for r in rows]
+    # Follow-ups after the span are not generated; a click stamped before its impression may precede it.
+    assert clicks and all(start - dt.timedelta(seconds=120) <= t < start + dt.timedelta(seconds=90) for t in clicks)
+    records = {"impressions": sum(1 for f in files for _ in open(f, encoding="utf-8")),
+               "clicks_conversions": sum(sum(1 for _ in open(f, encoding="utf-8")) - 1
+                                         for f in glob.glob(str(tmp_path / "clicks_conversions" / "*.csv")))}
+    assert records == {feed: manifest.input_records[feed] for feed in records}
