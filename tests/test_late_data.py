@@ -11,7 +11,7 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from advertisex import backfill, correlation, pipeline
-from conftest import read_table, settings_for
+from conftest import read_table, run_correlation, settings_for
 
 DAY = dt.date(2026, 11, 16)
 
@@ -61,8 +61,7 @@ def test_a_join_partner_behind_the_watermark_is_counted_and_the_backfill_restore
     append_silver(spark, settings, "impressions", [
         {"impression_id": "i-late", "event_time": at(11, 45), "event_hour": 11, "user_key": "u1", "cost": Decimal("0.001")}])
 
-    query = correlation.start(spark, settings, available_now=True)
-    query.awaitTermination()
+    query = run_correlation(spark, settings)
     assert correlation.dropped_by_watermark(query) >= 1
     clicks = read_table(spark, settings, "gold/attributed_clicks").select("click_id", "impression_id", "match_type")
     expected = spark.createDataFrame([("k1", None, "none"), ("k2", None, "none")], clicks.schema)
