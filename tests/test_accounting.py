@@ -146,7 +146,12 @@ def test_a_span_of_seconds_keeps_event_time_inside_it_and_every_record_accounted
         clicks += [dt.datetime.fromisoformat(r[1].replace("Z", "+00:00")).replace(tzinfo=dt.timezone.utc) for r in rows]
     # Follow-ups after the span are not generated; a click stamped before its impression may precede it.
     assert clicks and all(start - dt.timedelta(seconds=120) <= t < start + dt.timedelta(seconds=90) for t in clicks)
-    records = {"impressions": sum(1 for f in files for _ in open(f, encoding="utf-8")),
-               "clicks_conversions": sum(sum(1 for _ in open(f, encoding="utf-8")) - 1
+    records = {"impressions": sum(_line_count(f) for f in files),
+               "clicks_conversions": sum(_line_count(f) - 1  # the header
                                          for f in glob.glob(str(tmp_path / "clicks_conversions" / "*.csv")))}
     assert records == {feed: manifest.input_records[feed] for feed in records}
+
+
+def _line_count(path: str) -> int:
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for _ in fh)
