@@ -31,6 +31,7 @@ from pyspark.sql.streaming import StreamingQuery
 from advertisex import attribution, backfill, gold, lake, monitoring
 from advertisex.attribution import Windows
 from advertisex.config import Settings
+from advertisex.silver import SILVER_KEYS
 
 log = logging.getLogger("advertisex")
 
@@ -129,9 +130,6 @@ def partly_read(offsets: list[str], table_ids: dict[str, str]) -> dict[str, set[
     return partial
 
 
-_EVENT_ID = {"impressions": "impression_id", "bid_requests": "auction_id"}  # else event_id
-
-
 def events_added_in(spark: SparkSession, path: str, name: str, version: int) -> DataFrame:
     """The events one commit added to a silver table (kind, event_id, event_date, event_time), read
     from the data files its log entry adds."""
@@ -142,7 +140,7 @@ def events_added_in(spark: SparkSession, path: str, name: str, version: int) -> 
     if not files:
         return spark.createDataFrame([], "kind STRING, event_id STRING, event_date DATE, event_time TIMESTAMP")
     return spark.read.parquet(*files).select(
-        F.lit(f"{_PINNED}{name}").alias("kind"), F.col(_EVENT_ID.get(name, "event_id")).alias("event_id"),
+        F.lit(f"{_PINNED}{name}").alias("kind"), F.col(SILVER_KEYS[name]).alias("event_id"),
         F.to_date("event_time").alias("event_date"), "event_time",
     )
 
@@ -284,9 +282,10 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
     changed_ids = events.filter(F.col("kind").isin(*_CLICK_KINDS)).select(F.col("event_id").alias("changed_id"))
     viewers = None  # conversions with a view-through candidate on a pinned-out impression
     pinned = events.filter(F.col("kind") == f"{_PINNED}impressions").select(F.col("event_id").alias("pinned_id"))
+    candidates = read_candidates(spark, settings, first, last)
     if not pinned.isEmpty():
         referrers = (
-            read_candidates(spark, settings, first, last)
+            candidates
             .filter(in_dates & F.col("kind").isin(attribution.CLICK_BY_ID, attribution.CLICK_BY_WINDOW,
                                                   attribution.CONVERSION_VIEW))
             .join(F.broadcast(pinned), on=F.col("match_id") == F.col("pinned_id"), how="left_semi")
@@ -313,7 +312,7 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
         )
         touched_clicks = changed_ids.unionByName(followers.select(F.col("event_id").alias("changed_id")))
         dependents = (
-            read_candidates(spark, settings, first, last)
+            candidates
             .filter(in_dates & (F.col("kind") == attribution.CONVERSION_CLICK))
             .join(F.broadcast(touched_clicks), on=F.col("match_id") == F.col("changed_id"), how="left_semi")
             .select(F.col("event_id").alias("dependent_id"))
