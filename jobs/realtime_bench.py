@@ -34,6 +34,7 @@ from advertisex.generator import Generator, GeneratorOptions, KafkaPublisher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEEDS = ("impressions", "clicks_conversions", "bid_requests")
+SOURCES = ("kafka", "files")
 SILVER = ("impressions", "clicks", "conversions", "bid_requests")
 EVENTS_PER_IMPRESSION = 2.8  # all feeds, from the generator's default funnel
 
@@ -84,27 +85,36 @@ def kafka_ceiling(spark: SparkSession, settings: Settings, lake: str) -> float:
     return time.monotonic() - started
 
 
-def capacity(spark: SparkSession, base: Settings, work: str, impressions: int, bootstrap: str, ceiling) -> list:
-    """Rows (name, seconds, events) of the availableNow drains and ceilings of both sources."""
+def capacity(spark: SparkSession, base: Settings, work: str, impressions: int, bootstrap: str, ceiling,
+             sources: tuple[str, ...] = SOURCES, with_gold: bool = True) -> list:
+    """Rows (name, seconds, events) of the availableNow drains and ceilings of the sources."""
     options = GeneratorOptions(impressions=impressions, files_per_day=8)
     # A previous run's drops, lake and ceilings; {work}/kafka is emptied when the broker starts.
     shutil.rmtree(f"{work}/files", ignore_errors=True)
     files = _settings(base, "files", f"{work}/files/landing", f"{work}/files/lake", bootstrap, "cap")
     kafka = _settings(base, "kafka", f"{work}/kafka/landing", f"{work}/kafka/lake", bootstrap, "cap")
-    manifest = Generator(options).generate(files.landing)
-    Generator(options).generate(kafka.landing, publisher=_publisher(kafka, None))
+    settings = {"files": files, "kafka": kafka}
+    manifest = None
+    if "files" in sources:
+        manifest = Generator(options).generate(files.landing)
+    if "kafka" in sources:
+        manifest = Generator(options).generate(kafka.landing, publisher=_publisher(kafka, None))
     events = sum(manifest.input_records.values())
     rows = []
-    ceiling(spark, files.landing, f"{work}/files/ceiling-warmup")
-    files_ceiling = ceiling(spark, files.landing, f"{work}/files/ceiling")
-    rows.append(("files: raw ceiling, spark.read -> Delta append", files_ceiling, events))
-    kafka_ceiling(spark, kafka, f"{work}/kafka/ceiling-warmup")
-    rows.append(("kafka: raw ceiling, spark.read -> Delta append", kafka_ceiling(spark, kafka, f"{work}/kafka/ceiling"), events))
-    for name, settings in (("files", files), ("kafka", kafka)):
+    if "files" in sources:
+        ceiling(spark, files.landing, f"{work}/files/ceiling-warmup")
+        files_ceiling = ceiling(spark, files.landing, f"{work}/files/ceiling")
+        rows.append(("files: raw ceiling, spark.read -> Delta append", files_ceiling, events))
+    if "kafka" in sources:
+        kafka_ceiling(spark, kafka, f"{work}/kafka/ceiling-warmup")
+        rows.append(("kafka: raw ceiling, spark.read -> Delta append",
+                     kafka_ceiling(spark, kafka, f"{work}/kafka/ceiling"), events))
+    for name in sources:
         timings: dict = {}
-        pipeline.run(spark, settings, available_now=True, timings=timings)
+        pipeline.run(spark, settings[name], available_now=True, timings=timings, with_gold=with_gold)
         rows.append((f"{name}: pipeline, bronze + quarantine + silver (availableNow)", timings["ingestion"], events))
-        rows.append((f"{name}: pipeline, silver -> gold (availableNow)", timings["gold"], events))
+        if with_gold:
+            rows.append((f"{name}: pipeline, silver -> gold (availableNow)", timings["gold"], events))
     return rows
 
 
@@ -199,7 +209,7 @@ def latencies(spark: SparkSession, settings: Settings, produced: DataFrame, by_f
     # The first gold batch that started at least 1 s after the silver commit has surely seen it.
     reached_gold = F.array_min(F.transform(
         F.filter(gold_batches, lambda g: g["started"] >= F.col("silver_at") + F.expr("INTERVAL 1 SECOND")),
-        lambda g: g["ended"]))
+        lambda g: g["ended"])) if gold else F.lit(None).cast("timestamp")  # a run without the gold query
     seconds = joined.select(
         (F.unix_micros("silver_at") - F.unix_micros("produced_at")).alias("to_silver"),
         (F.unix_micros(reached_gold) - F.unix_micros("produced_at")).alias("to_gold"),
@@ -232,8 +242,9 @@ def rate_options(rate: float, duration: int, event_time: str, now: dt.datetime) 
 
 
 def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate: float, duration: int,
-               bootstrap: str, event_time: str = "live") -> dict:
-    """A continuous pipeline fed at ``rate`` events/s for about ``duration`` s; latencies and backlog."""
+               bootstrap: str, event_time: str = "live", with_gold: bool = True) -> dict:
+    """A continuous pipeline fed at ``rate`` events/s for about ``duration`` s; latencies and backlog.
+    Without ``with_gold`` the correlation query does not run: ingestion has the cores to itself."""
     root = f"{work}/rate-{source}"
     shutil.rmtree(root, ignore_errors=True)
     settings = _settings(base, source, f"{root}/landing", f"{root}/lake", bootstrap, f"rate{int(time.time())}")
@@ -265,7 +276,7 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
 
     def run_pipeline() -> None:
         try:
-            pipeline.run(spark, settings, available_now=False)
+            pipeline.run(spark, settings, available_now=False, with_gold=with_gold)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             failure.append(exc)
 
@@ -284,7 +295,8 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
         if failure or time.monotonic() - started > duration * 10:
             break
     fed_for = time.monotonic() - started
-    time.sleep(3 * _seconds(settings.conf["streaming"]["trigger_interval"]) + 30)  # let gold catch up
+    if with_gold:
+        time.sleep(3 * _seconds(settings.conf["streaming"]["trigger_interval"]) + 30)  # let gold catch up
     for query in spark.streams.active:
         query.stop()
     runner.join()
@@ -319,11 +331,12 @@ def report(capacity_rows: list, rate_results: list, rate: float, event_time: str
 
 
 def main_realtime(spark: SparkSession, base: Settings, work: str, impressions: int, rate: float, duration: int,
-                  bootstrap: str | None, ceiling, event_time: str = "live") -> None:
+                  bootstrap: str | None, ceiling, event_time: str = "live", sources: tuple[str, ...] = SOURCES,
+                  with_gold: bool = True) -> None:
     with Broker(work, bootstrap) as broker:
-        rows = capacity(spark, base, work, impressions, broker.bootstrap, ceiling)
-        results = [fixed_rate(spark, base, work, source, rate, duration, broker.bootstrap, event_time)
-                   for source in ("kafka", "files")]
+        rows = capacity(spark, base, work, impressions, broker.bootstrap, ceiling, sources, with_gold)
+        results = [fixed_rate(spark, base, work, source, rate, duration, broker.bootstrap, event_time, with_gold)
+                   for source in sources]
     text = report(rows, results, rate, event_time)
     print("\n" + text)
     with open(os.path.join(work, "realtime.json"), "w", encoding="utf-8") as fh:
