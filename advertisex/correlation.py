@@ -17,6 +17,7 @@ partner); the events are in silver, and the backfill of their dates restores the
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import time
@@ -282,10 +283,11 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
     changed_ids = events.filter(F.col("kind").isin(*_CLICK_KINDS)).select(F.col("event_id").alias("changed_id"))
     viewers = None  # conversions with a view-through candidate on a pinned-out impression
     pinned = events.filter(F.col("kind") == f"{_PINNED}impressions").select(F.col("event_id").alias("pinned_id"))
-    candidates = read_candidates(spark, settings, first, last)
+    # Loading the table reads its Delta log: once at most, and only for a batch that needs it.
+    candidates = functools.cache(lambda: read_candidates(spark, settings, first, last))
     if not pinned.isEmpty():
         referrers = (
-            candidates
+            candidates()
             .filter(in_dates & F.col("kind").isin(attribution.CLICK_BY_ID, attribution.CLICK_BY_WINDOW,
                                                   attribution.CONVERSION_VIEW))
             .join(F.broadcast(pinned), on=F.col("match_id") == F.col("pinned_id"), how="left_semi")
@@ -312,7 +314,7 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
         )
         touched_clicks = changed_ids.unionByName(followers.select(F.col("event_id").alias("changed_id")))
         dependents = (
-            candidates
+            candidates()
             .filter(in_dates & (F.col("kind") == attribution.CONVERSION_CLICK))
             .join(F.broadcast(touched_clicks), on=F.col("match_id") == F.col("changed_id"), how="left_semi")
             .select(F.col("event_id").alias("dependent_id"))
