@@ -244,7 +244,7 @@ class GoldBatchWriter:
                              candidates_of=lambda silver, since, last=last: read_candidates(spark, self.settings, since, last),
                              hours={d: h for d, h in hours.items() if first <= d <= last})
         self._whole_dates -= set(dates)
-        figures = day_figures(spark, self.settings, dates[-1], versions) if dates else {}
+        figures = day_figures(spark, self.settings, dates, versions) if dates else {}
         seconds = time.monotonic() - started
         # One ops/metrics row per gold batch too: its end is when this batch's events reached gold.
         lake.append_once(
@@ -342,18 +342,26 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
 _DAY_FIGURES = ("impressions", "clicks", "attributed_clicks", "conversions")
 
 
-def day_figures(spark: SparkSession, settings: Settings, day: dt.date, versions: dict[str, int]
+def day_figures(spark: SparkSession, settings: Settings, dates: list[dt.date], versions: dict[str, int]
                 ) -> dict[str, dict[str, int]]:
-    """The cross-feed checks' input after a gold batch, as {"gold:<measure>": {campaign: n}}:
-    each campaign's counts on ``day`` from campaign_performance_daily (a row per campaign), and
-    the day's settled auctions (``settled_auctions``)."""
+    """The cross-feed checks' input after a gold batch that rebuilt ``dates``, as {"gold:<measure>":
+    {campaign: n}}: each campaign's counts on the newest of them from campaign_performance_daily
+    (a row per campaign), and that day's settled auctions (``settled_auctions``). Clicks and
+    attributed clicks also per rebuilt date, as {"gold:<measure>_by_date": {date: n}}: clicks that
+    match nothing are judged on the day they fall on, which need not be the newest (a batch also
+    rebuilds the day after the one its events touch, and a few events may be a day ahead)."""
+    day = dates[-1]
     rows = (
         spark.read.format("delta").load(settings.table("gold/campaign_performance_daily"))
-        .filter(F.col("event_date") == F.lit(day))
-        .select("campaign_id", *_DAY_FIGURES)
+        .filter(F.col("event_date").isin(*dates))
+        .select("event_date", "campaign_id", *_DAY_FIGURES)
         .collect()
     )
-    figures = {f"gold:{name}": {r["campaign_id"]: int(r[name] or 0) for r in rows} for name in _DAY_FIGURES}
+    figures = {f"gold:{name}": {r["campaign_id"]: int(r[name] or 0) for r in rows if r["event_date"] == day}
+               for name in _DAY_FIGURES}
+    for name in ("clicks", "attributed_clicks"):
+        figures[f"gold:{name}_by_date"] = {d.isoformat(): sum(int(r[name] or 0) for r in rows if r["event_date"] == d)
+                                           for d in dates}
     figures.update(settled_auctions(spark, settings, day, versions))
     return figures
 

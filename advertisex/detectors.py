@@ -149,11 +149,12 @@ def _rate_alert(rule: str, part: int, whole: int, limit: float, min_rows: int, f
                  f"{what}: {ratio:.1%} ({part:,} of {whole:,}; limit {limit:.1%})")
 
 
-def unmatched_clicks(unmatched: int, clicks: int, conf: dict, campaign: str | None = None) -> Alert | None:
+def unmatched_clicks(unmatched: int, clicks: int, conf: dict, campaign: str | None = None,
+                     day: str | None = None) -> Alert | None:
     """Clicks that match no impression (match_type none) above ``max_unmatched_click_ratio``."""
     return _rate_alert("clicks_without_impression", unmatched, clicks, conf["max_unmatched_click_ratio"],
                        conf["min_clicks_for_unmatched"], "clicks_conversions", campaign,
-                       f"clicks with no impression{f' in {campaign}' if campaign else ''}")
+                       f"clicks with no impression{f' in {campaign}' if campaign else ''}{f' on {day}' if day else ''}")
 
 
 def wins_without_bid_request(orphan_wins: int, wins: int, conf: dict) -> Alert | None:

@@ -32,7 +32,8 @@ METRICS_SCHEMA = T.StructType([
     T.StructField("max_event_time", T.TimestampType()),
     T.StructField("unknown_fields", T.MapType(T.StringType(), T.LongType())),
     # measure -> campaign -> count: "silver:<table>" rows the batch inserted into a silver table;
-    # "gold:<column>" the day's campaign_performance_daily after a gold batch
+    # "gold:<column>" the newest rebuilt day's campaign_performance_daily after a gold batch, and
+    # "gold:<column>_by_date" -> date -> count, a few columns over every date the batch rebuilt
     T.StructField("by_campaign", T.MapType(T.StringType(), T.MapType(T.StringType(), T.LongType()))),
 ])
 
@@ -199,10 +200,11 @@ class QueryListener(StreamingQueryListener):
     so a scrape never waits on a micro-batch and a micro-batch never waits on a scrape.
     """
 
-    def __init__(self, registry=None, on_progress=None):
+    def __init__(self, registry=None, on_progress=None, behind_ratio: float = 0.8):
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
         self.on_progress = on_progress
+        self.behind_ratio = behind_ratio
         self.lost_offsets: dict[str, int] = {}
         self.terminated: set[str] = set()
         self.registry = registry or CollectorRegistry()
@@ -212,6 +214,10 @@ class QueryListener(StreamingQueryListener):
         self.input_rate = Gauge("advx_query_input_rows_per_second", "Source input rate of the last batch", labels, registry=r)
         self.processed_rate = Gauge("advx_query_processed_rows_per_second", "Processing rate of the last batch",
                                     labels, registry=r)
+        # Counted in batches, as the pipeline's own falling_behind detector counts: a time window
+        # ("for: 3m") is two batches of a slow query and thirty of a fast one.
+        self.behind = Gauge("advx_query_batches_behind", "Micro-batches in a row, up to the last, that processed "
+                            "their rows slower than behind_ratio x the rate they arrived at", labels, registry=r)
         self.duration = Gauge("advx_query_batch_duration_seconds", "Wall time of the last micro-batch", labels, registry=r)
         self.watermark = Gauge("advx_query_watermark_timestamp_seconds", "Event-time watermark after the last batch",
                                labels, registry=r)
@@ -240,6 +246,10 @@ class QueryListener(StreamingQueryListener):
         self.input_rows.labels(q).inc(p.numInputRows)
         self.input_rate.labels(q).set(p.inputRowsPerSecond or 0.0)
         self.processed_rate.labels(q).set(p.processedRowsPerSecond or 0.0)
+        if (p.processedRowsPerSecond or 0.0) < (p.inputRowsPerSecond or 0.0) * self.behind_ratio:
+            self.behind.labels(q).inc()
+        else:
+            self.behind.labels(q).set(0)
         self.duration.labels(q).set((p.batchDuration or 0) / 1000)
         event_time = p.eventTime or {}
         if "watermark" in event_time:
@@ -319,9 +329,11 @@ class PipelineMetrics:
                                "the newest event time in it", ["feed"], registry=r)
         self.campaign_rows = Counter("advx_campaign_rows", "Valid records per silver table and campaign",
                                      ["table", "campaign_id"], registry=r)
-        self.gold_clicks = Gauge("advx_gold_day_clicks", "Counted clicks of the latest day gold rebuilt", registry=r)
+        self.gold_clicks = Gauge("advx_gold_day_clicks", "Counted clicks of each date the last gold batch rebuilt",
+                                 ["date"], registry=r)
         self.gold_unmatched = Gauge("advx_gold_day_unmatched_clicks", "Of those, clicks that matched no impression",
-                                    registry=r)
+                                    ["date"], registry=r)
+        self._gold_dates: set[str] = set()
         self.alert = Gauge("advx_alert_active", "1 while an alert of the pipeline's detectors is open",
                            ["detector", "severity", "feed", "campaign_id"], registry=r)
         self.threshold = Gauge("advx_detector_threshold", "Detector thresholds from conf (monitoring.detectors)",
@@ -347,9 +359,16 @@ class PipelineMetrics:
                 self.campaign_rows.labels(table, campaign).inc(count)
 
     def record_gold(self, by_campaign: dict[str, dict[str, int]]) -> None:
-        clicks = sum(by_campaign.get("gold:clicks", {}).values())
-        self.gold_clicks.set(clicks)
-        self.gold_unmatched.set(clicks - sum(by_campaign.get("gold:attributed_clicks", {}).values()))
+        """The clicks of the dates this gold batch rebuilt; the series of dates it did not rebuild
+        go (a date's figures are only current while batches rebuild it)."""
+        clicks, attributed = by_campaign.get("gold:clicks_by_date", {}), by_campaign.get("gold:attributed_clicks_by_date", {})
+        for day in self._gold_dates - set(clicks):
+            self.gold_clicks.remove(day)
+            self.gold_unmatched.remove(day)
+        for day, n in clicks.items():
+            self.gold_clicks.labels(day).set(n)
+            self.gold_unmatched.labels(day).set(n - attributed.get(day, 0))
+        self._gold_dates = set(clicks)
 
 
 def _as_utc(ts: dt.datetime) -> dt.datetime:

@@ -416,7 +416,8 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
     ensure_silver_tables(spark, settings, privacy_from(settings))
     registry = CollectorRegistry()
     monitor = alerting.Monitor(spark, settings, monitoring.PipelineMetrics(registry), continuous=not available_now)
-    listener = monitoring.QueryListener(registry, on_progress=monitor.progress)
+    listener = monitoring.QueryListener(registry, on_progress=monitor.progress,
+                                        behind_ratio=settings.conf["monitoring"]["detectors"]["behind_ratio"])
     spark.streams.addListener(listener)
     monitoring_conf = settings.conf["monitoring"]
     endpoint = (listener.serve(monitoring_conf["prometheus_port"], monitoring_conf["prometheus_host"])

@@ -144,6 +144,41 @@ def test_cross_feed_checks_on_gold():
         ("ctr_jump", "clicks_conversions", "cmp-0001")]
 
 
+def test_clicks_without_impression_are_judged_on_the_date_they_fall_on():
+    """A gold batch rebuilds the day after the one its events touch: 600 clicks matching nothing
+    on the 26th must alert although the batch's newest day, the 27th, is clean."""
+    history = History()
+    newest = day({"cmp-0001": 600}, {"cmp-0001": 590}, {"cmp-0001": 30000})
+    history.gold.append({**newest, "gold:clicks_by_date": {"2026-11-26": 1400, "2026-11-27": 600},
+                         "gold:attributed_clicks_by_date": {"2026-11-26": 790, "2026-11-27": 590}})
+    alerts = evaluate(history, CONF, now=0, continuous=False)
+    assert [(a.rule, a.observed, a.message) for a in alerts] == [
+        ("clicks_without_impression", 610 / 1400,
+         "clicks with no impression on 2026-11-26: 43.6% (610 of 1,400; limit 20.0%)")]
+    # the same date with too few clicks to judge, and both dates clean: nothing
+    history.gold.append({**newest, "gold:clicks_by_date": {"2026-11-26": 40, "2026-11-27": 600},
+                         "gold:attributed_clicks_by_date": {"2026-11-26": 0, "2026-11-27": 590}})
+    assert evaluate(history, CONF, now=0, continuous=False) == []
+
+
+def test_the_gold_gauges_keep_the_dates_of_the_last_gold_batch_only():
+    from prometheus_client import CollectorRegistry
+
+    from advertisex.monitoring import PipelineMetrics
+
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    metrics.record_gold({"gold:clicks_by_date": {"2026-11-26": 100, "2026-11-27": 10},
+                         "gold:attributed_clicks_by_date": {"2026-11-26": 90, "2026-11-27": 10}})
+    metrics.record_gold({"gold:clicks_by_date": {"2026-11-27": 50, "2026-11-28": 5},
+                         "gold:attributed_clicks_by_date": {"2026-11-27": 20, "2026-11-28": 5}})
+    series = {(s.name, s.labels["date"]): s.value for family in registry.collect() for s in family.samples
+              if s.name.startswith("advx_gold_day")}
+    assert series == {("advx_gold_day_clicks", "2026-11-27"): 50, ("advx_gold_day_clicks", "2026-11-28"): 5,
+                      ("advx_gold_day_unmatched_clicks", "2026-11-27"): 30,
+                      ("advx_gold_day_unmatched_clicks", "2026-11-28"): 0}
+
+
 class _Hook(http.server.BaseHTTPRequestHandler):
     bodies: list = []
 

@@ -114,3 +114,28 @@ def test_an_ops_metrics_row_built_in_the_jvm_holds_exactly_the_python_row(spark)
     for row in rows:
         expected = spark.createDataFrame([row], monitoring.METRICS_SCHEMA)
         assert_df_equality(monitoring.metrics_row_frame(spark, row), expected, ignore_nullable=True)
+
+
+def progress(batch: int, arrived: float, processed: float):
+    """A progress report as Spark hands it to listeners (Spark's own class, from its JSON form)."""
+    from pyspark.sql.streaming.listener import StreamingQueryProgress
+
+    return StreamingQueryProgress.fromJson({
+        "id": "00000000-0000-0000-0000-000000000001", "runId": "00000000-0000-0000-0000-000000000002",
+        "name": "advx_gold", "timestamp": "2026-11-27T03:00:00.000Z", "batchId": batch, "batchDuration": 1000,
+        "numInputRows": 100, "inputRowsPerSecond": arrived, "processedRowsPerSecond": processed,
+        "stateOperators": [], "sources": [], "sink": {"description": "ForeachBatchSink", "numOutputRows": -1},
+    })
+
+
+def test_the_behind_streak_counts_batches_in_a_row_below_behind_ratio():
+    from prometheus_client import CollectorRegistry
+
+    listener = monitoring.QueryListener(CollectorRegistry(), behind_ratio=0.8)
+    streaks = []
+    # (arrived, processed) rows/s: 80 % of the input is keeping up; a batch with no input is never behind
+    for batch, (arrived, processed) in enumerate([(100, 70), (100, 79), (100, 80), (100, 50), (100, 10),
+                                                  (100, 20), (0, 0), (100, 50)]):
+        listener._record(progress(batch, arrived, processed))
+        streaks.append(listener.registry.get_sample_value("advx_query_batches_behind", {"query": "advx_gold"}))
+    assert streaks == [1, 2, 0, 1, 2, 3, 0, 1]
