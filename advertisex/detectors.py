@@ -87,6 +87,11 @@ def event_time_lag(lag_seconds: float, conf: dict, feed: str) -> Alert | None:
                  f"{feed}: event-time lag {lag_seconds:,.0f} s (limit {limit:,.0f} s)")
 
 
+def behind(arrived: float, processed: float, ratio: float) -> bool:
+    """A batch processed its rows slower than ``ratio`` x the rate they arrived at."""
+    return processed < arrived * ratio
+
+
 def falling_behind(input_rates: Sequence[float], processed_rates: Sequence[float], conf: dict,
                    feed: str) -> Alert | None:
     """Processing below ``behind_ratio`` of the input rate for the last ``behind_batches`` batches in a row.
@@ -96,7 +101,7 @@ def falling_behind(input_rates: Sequence[float], processed_rates: Sequence[float
     """
     n = conf["behind_batches"]
     pairs = list(zip(input_rates, processed_rates, strict=True))[-n:]
-    if len(pairs) < n or not all(processed < arrived * conf["behind_ratio"] for arrived, processed in pairs):
+    if len(pairs) < n or not all(behind(arrived, processed, conf["behind_ratio"]) for arrived, processed in pairs):
         return None
     arrived, processed = pairs[-1]
     return Alert("falling_behind", WARNING, feed, None, float(processed), float(arrived),

@@ -13,6 +13,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.streaming import StreamingQueryListener
 
+from advertisex import detectors
+
 log = logging.getLogger("advertisex")
 
 METRICS_SCHEMA = T.StructType([
@@ -246,7 +248,7 @@ class QueryListener(StreamingQueryListener):
         self.input_rows.labels(q).inc(p.numInputRows)
         self.input_rate.labels(q).set(p.inputRowsPerSecond or 0.0)
         self.processed_rate.labels(q).set(p.processedRowsPerSecond or 0.0)
-        if (p.processedRowsPerSecond or 0.0) < (p.inputRowsPerSecond or 0.0) * self.behind_ratio:
+        if detectors.behind(p.inputRowsPerSecond or 0.0, p.processedRowsPerSecond or 0.0, self.behind_ratio):
             self.behind.labels(q).inc()
         else:
             self.behind.labels(q).set(0)

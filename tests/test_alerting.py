@@ -145,8 +145,8 @@ def test_cross_feed_checks_on_gold():
 
 
 def test_clicks_without_impression_are_judged_on_the_date_they_fall_on():
-    """A gold batch rebuilds the day after the one its events touch: 600 clicks matching nothing
-    on the 26th must alert although the batch's newest day, the 27th, is clean."""
+    """A gold batch rebuilds the day after the one its events touch: 610 of 1,400 clicks matching
+    nothing on the 26th must alert although the batch's newest day, the 27th, is clean."""
     history = History()
     newest = day({"cmp-0001": 600}, {"cmp-0001": 590}, {"cmp-0001": 30000})
     history.gold.append({**newest, "gold:clicks_by_date": {"2026-11-26": 1400, "2026-11-27": 600},
