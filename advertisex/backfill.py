@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from delta.tables import DeltaTable
 from pyspark import StorageLevel
+from pyspark.util import inheritable_thread_target
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from tqdm import tqdm
@@ -64,9 +65,11 @@ def write_dates(spark: SparkSession, tables: dict[str, DataFrame], settings: Set
         )
 
     # Each table is its own Delta commit, and a small one is mostly the driver's work (snapshot,
-    # planning, the commit): the writes run side by side, so those waits overlap.
+    # planning, the commit): the writes run side by side, so those waits overlap. Each thread
+    # takes this one's job group (a streaming query's, in a gold batch: stopping the query cancels
+    # its writes too).
     with ThreadPoolExecutor(max_workers=len(tables)) as pool:
-        for done in [pool.submit(replace, df, name) for name, df in tables.items()]:
+        for done in [pool.submit(inheritable_thread_target(replace), df, name) for name, df in tables.items()]:
             done.result()
     parts = (
         spark.read.format("delta").load(settings.table(f"gold/{gold.PARTS_TABLE}"))

@@ -287,9 +287,15 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
     Only the ``affected_dates`` of the batch's event dates count.
     """
     events = events.filter(F.col("event_time").isNotNull())
-    dates = affected_dates(sorted(r["event_date"] for r in events.select("event_date").distinct().collect()))
+    # One job says which dates the batch holds and which lookups below it needs.
+    kinds = events.groupBy("event_date").agg(
+        F.max(F.col("kind") == f"{_PINNED}impressions").alias("pinned"),
+        F.max(F.col("kind").isin(*_CLICK_KINDS)).alias("clicks"),
+    ).collect()
+    dates = affected_dates(sorted(r["event_date"] for r in kinds))
     if not dates:
         return {}
+    has_pinned, has_clicks = any(r["pinned"] for r in kinds), any(r["clicks"] for r in kinds)
     first, last = dates[0], dates[-1]
     in_dates = F.col("event_date").isin(*[F.lit(d) for d in dates])
     times = events.select("event_time")
@@ -298,7 +304,7 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
     pinned = events.filter(F.col("kind") == f"{_PINNED}impressions").select(F.col("event_id").alias("pinned_id"))
     # Loading the table reads its Delta log: once at most, and only for a batch that needs it.
     candidates = functools.cache(lambda: read_candidates(spark, settings, first, last))
-    if not pinned.isEmpty():
+    if has_pinned:
         referrers = (
             candidates()
             .filter(in_dates & F.col("kind").isin(attribution.CLICK_BY_ID, attribution.CLICK_BY_WINDOW,
@@ -311,7 +317,7 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
                                               .select(F.col("event_id").alias("changed_id")))
         viewers = referrers.filter(F.col("kind") == attribution.CONVERSION_VIEW).select(F.col("event_id").alias("dependent_id"))
     changed_ids = changed_ids.distinct()
-    if not changed_ids.isEmpty() or viewers is not None:
+    if has_clicks or viewers is not None:  # a pinned-out impression's referrers may be clicks
         silver = {name: df.filter(in_dates) for name, df in backfill.read_silver(spark, settings, first, last, versions).items()}
         clicks = silver["clicks"].select("event_id", "user_key", "event_time")
         changed = (

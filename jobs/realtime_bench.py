@@ -25,10 +25,11 @@ import subprocess
 import threading
 import time
 
+from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from advertisex import pipeline
+from advertisex import backfill, correlation, pipeline
 from advertisex.config import Settings
 from advertisex.generator import Generator, GeneratorOptions, KafkaPublisher
 
@@ -37,6 +38,7 @@ FEEDS = ("impressions", "clicks_conversions", "bid_requests")
 SOURCES = ("kafka", "files")
 SILVER = ("impressions", "clicks", "conversions", "bid_requests")
 EVENTS_PER_IMPRESSION = 2.8  # all feeds, from the generator's default funnel
+GOLD_WAIT_SECONDS = 900  # after the input is ingested, at most this long for gold to read all of silver
 
 
 class Broker:
@@ -295,8 +297,10 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
         if failure or time.monotonic() - started > duration * 10:
             break
     fed_for = time.monotonic() - started
-    if with_gold:
-        time.sleep(3 * _seconds(settings.conf["streaming"]["trigger_interval"]) + 30)  # let gold catch up
+    if with_gold:  # let gold catch up: every event it leaves out is missing from its latencies
+        waited = time.monotonic()
+        while not failure and not _gold_read_all(spark, settings) and time.monotonic() - waited < GOLD_WAIT_SECONDS:
+            time.sleep(5)
     for query in spark.streams.active:
         query.stop()
     runner.join()
@@ -308,10 +312,18 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
     return result
 
 
-def _seconds(interval: str) -> float:
-    from advertisex.config import parse_interval
-
-    return parse_interval(interval).total_seconds()
+def _gold_read_all(spark: SparkSession, settings: Settings) -> bool:
+    """Whether the gold query's last finished micro-batch read every silver table to its current version."""
+    checkpoint = os.path.join(settings.checkpoints, "gold")
+    commits = os.path.join(checkpoint, "commits")
+    finished = [int(name) for name in os.listdir(commits) if name.isdigit()] if os.path.isdir(commits) else []
+    if not finished:
+        return False
+    with open(os.path.join(checkpoint, "offsets", str(max(finished)))) as fh:
+        offsets = fh.read().splitlines()
+    table_ids = {name: DeltaTable.forPath(spark, settings.table(f"silver/{name}")).detail().first()["id"]
+                 for name in SILVER}
+    return correlation.versions_read_by(offsets, table_ids) == backfill.silver_versions(spark, settings)
 
 
 def report(capacity_rows: list, rate_results: list, rate: float, event_time: str = "live") -> str:
