@@ -119,6 +119,12 @@ def versions_read_by(offsets: list[str], table_ids: dict[str, str]) -> dict[str,
     return {name: max(ends[table_id] - 1, 0) for name, table_id in table_ids.items()}
 
 
+def silver_table_ids(spark: SparkSession, settings: Settings) -> dict[str, str]:
+    """Each silver table's Delta id, by name: how a query's offset log names the tables it reads."""
+    return {name: DeltaTable.forPath(spark, settings.table(f"silver/{name}")).detail().first()["id"]
+            for name in gold.SILVER_TABLES}
+
+
 def partly_read(offsets: list[str], table_ids: dict[str, str]) -> dict[str, set[int]]:
     """The versions a batch's sources stopped inside (index not -1), by table: their first files'
     events reached the batch, but its gold was pinned to the version before."""
@@ -173,8 +179,7 @@ class GoldBatchWriter:
         trail silver by several commits (the wins-without-bid-request check then saw impressions
         whose bid request was in silver but not yet joined)."""
         if self._table_ids is None:
-            self._table_ids = {name: DeltaTable.forPath(spark, self.settings.table(f"silver/{name}")).detail().first()["id"]
-                               for name in gold.SILVER_TABLES}
+            self._table_ids = silver_table_ids(spark, self.settings)
         offsets = self.offsets(spark, batch_id)
         versions = versions_read_by(offsets, self._table_ids) if offsets is not None else None
         if versions is None:
@@ -317,7 +322,7 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
                                               .select(F.col("event_id").alias("changed_id")))
         viewers = referrers.filter(F.col("kind") == attribution.CONVERSION_VIEW).select(F.col("event_id").alias("dependent_id"))
     changed_ids = changed_ids.distinct()
-    if has_clicks or viewers is not None:  # a pinned-out impression's referrers may be clicks
+    if has_clicks or has_pinned:  # a left-out impression's referrers may be clicks
         silver = {name: df.filter(in_dates) for name, df in backfill.read_silver(spark, settings, first, last, versions).items()}
         clicks = silver["clicks"].select("event_id", "user_key", "event_time")
         changed = (

@@ -25,7 +25,6 @@ import subprocess
 import threading
 import time
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -298,8 +297,8 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
             break
     fed_for = time.monotonic() - started
     if with_gold:  # let gold catch up: every event it leaves out is missing from its latencies
-        waited = time.monotonic()
-        while not failure and not _gold_read_all(spark, settings) and time.monotonic() - waited < GOLD_WAIT_SECONDS:
+        waited, table_ids = time.monotonic(), correlation.silver_table_ids(spark, settings)
+        while not failure and not _gold_read_all(spark, settings, table_ids) and time.monotonic() - waited < GOLD_WAIT_SECONDS:
             time.sleep(5)
     for query in spark.streams.active:
         query.stop()
@@ -312,7 +311,7 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
     return result
 
 
-def _gold_read_all(spark: SparkSession, settings: Settings) -> bool:
+def _gold_read_all(spark: SparkSession, settings: Settings, table_ids: dict[str, str]) -> bool:
     """Whether the gold query's last finished micro-batch read every silver table to its current version."""
     checkpoint = os.path.join(settings.checkpoints, "gold")
     commits = os.path.join(checkpoint, "commits")
@@ -321,8 +320,6 @@ def _gold_read_all(spark: SparkSession, settings: Settings) -> bool:
         return False
     with open(os.path.join(checkpoint, "offsets", str(max(finished)))) as fh:
         offsets = fh.read().splitlines()
-    table_ids = {name: DeltaTable.forPath(spark, settings.table(f"silver/{name}")).detail().first()["id"]
-                 for name in SILVER}
     return correlation.versions_read_by(offsets, table_ids) == backfill.silver_versions(spark, settings)
 
 
