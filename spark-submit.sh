@@ -4,6 +4,8 @@
 #   ./spark-submit.sh jobs/pipeline.py --conf conf/local.yaml --landing DIR --lake DIR --available-now
 # On a cluster set SPARK_HOME (its bin/spark-submit is used) and SPARK_SUBMIT_OPTS_EXTRA, e.g.
 #   SPARK_SUBMIT_OPTS_EXTRA="--master yarn --deploy-mode cluster" ./spark-submit.sh jobs/pipeline.py ...
+# ADVX_DRIVER_MEMORY (default 6g) and ADVX_DRIVER_JAVA_OPTIONS (e.g. -XX:+UseParallelGC, as
+# conf/local.yaml asks of a plain python run) size and tune the driver JVM.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [ $# -lt 1 ]; then echo "usage: ./spark-submit.sh JOB.py [job arguments]" >&2; exit 2; fi
@@ -41,7 +43,7 @@ exec "$submit" \
   --jars "$jars" \
   --py-files "$zip_path" \
   --driver-memory "${ADVX_DRIVER_MEMORY:-6g}" \
-  --driver-java-options "-Dlog4j.configurationFile=file:$here/conf/log4j2.properties" \
+  --driver-java-options "-Dlog4j.configurationFile=file:$here/conf/log4j2.properties ${ADVX_DRIVER_JAVA_OPTIONS:-}" \
   --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension \
   --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog \
   ${SPARK_SUBMIT_OPTS_EXTRA:-} \

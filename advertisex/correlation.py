@@ -221,19 +221,13 @@ class GoldBatchWriter:
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         started = time.monotonic()
         started_at = dt.datetime.now(dt.timezone.utc)
-        phases: dict[str, float] = {}  # seconds per step, for the batch's status line
-
-        def lap(phase: str, since: float) -> float:
-            now = time.monotonic()
-            phases[phase] = now - since
-            return now
-
+        phases = monitoring.Laps(started)
         spark = batch_df.sparkSession
         versions = self.silver_versions(spark, batch_id)
         if self._whole_dates is None:
             self._whole_dates = self.whole_dates(spark)
         pinned_out = self.pinned_out(spark, batch_id, versions)
-        mark = lap("versions", started)
+        phases.lap("versions")
         batch = batch_df.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             rows, found, hours = batch.count(), 0, {}
@@ -242,7 +236,7 @@ class GoldBatchWriter:
                 lake.append_once(candidates, self.settings.table(CANDIDATES_TABLE), f"{self.query_id()}:candidates",
                                  batch_id, ["event_date"])
                 found = candidates.count()
-            mark = lap("joins", mark)
+            phases.lap("joins")
             if rows or pinned_out:
                 events = batch.select("kind", "event_id", "event_date", "event_time")
                 for frame in pinned_out:
@@ -250,7 +244,7 @@ class GoldBatchWriter:
                 hours = affected_hours(spark, self.settings, events, versions)
         finally:
             batch.unpersist()
-        mark = lap("hours", mark)
+        phases.lap("hours")
         for date in self._whole_dates & set(hours):
             hours[date] = list(range(24))
         dates = sorted(hours)
@@ -259,9 +253,9 @@ class GoldBatchWriter:
                              candidates_of=lambda silver, since, last=last: read_candidates(spark, self.settings, since, last),
                              hours={d: h for d, h in hours.items() if first <= d <= last})
         self._whole_dates -= set(dates)
-        mark = lap("rebuild", mark)
+        phases.lap("rebuild")
         figures = day_figures(spark, self.settings, dates, versions) if dates else {}
-        lap("figures", mark)
+        phases.lap("figures")
         seconds = time.monotonic() - started
         # One ops/metrics row per gold batch too: its end is when this batch's events reached gold.
         lake.append_once(
@@ -273,7 +267,7 @@ class GoldBatchWriter:
             self.monitor.gold_batch(figures)
         log.info("gold batch %d: %d new candidates, %d hours of dates %s rebuilt in %.1f s (%s)", batch_id, found,
                  sum(len(h) for h in hours.values()), ", ".join(d.isoformat() for d in dates) or "none", seconds,
-                 ", ".join(f"{phase} {t:.1f} s" for phase, t in phases.items()))
+                 phases.text())
 
 
 def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, versions: dict[str, int]

@@ -150,8 +150,24 @@ def query_metrics_frame(spark: SparkSession, query_name: str, query_id: str, bat
     return metrics_row_frame(spark, row)
 
 
-def status_line(account: BatchAccount, seconds: float) -> str:
-    """One line per micro-batch; counts only, never a record's content."""
+class Laps:
+    """Seconds per step of a micro-batch, for its status line: ``lap(step)`` ends a step."""
+
+    def __init__(self, started: float):
+        self.seconds: dict[str, float] = {}
+        self._mark = started
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        self.seconds[step] = now - self._mark
+        self._mark = now
+
+    def text(self) -> str:
+        return ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.seconds.items())
+
+
+def status_line(account: BatchAccount, seconds: float, phases: Laps | None = None) -> str:
+    """One line per micro-batch; counts only, never a record's content. ``phases``: its steps' seconds."""
     rules = ", ".join(f"{rule}={n:,}" for rule, n in sorted(account.quarantine_by_rule.items()))
     rate = account.rows_in / seconds if seconds > 0 else 0.0
     return (
@@ -159,6 +175,7 @@ def status_line(account: BatchAccount, seconds: float) -> str:
         f"{account.rows_silver:,} silver | {account.rows_quarantined:,} quarantined"
         f"{f' ({rules})' if rules else ''} | {account.duplicates_dropped:,} duplicates | "
         f"{seconds:.1f} s ({rate:,.0f} rows/s)"
+        + (f" ({phases.text()})" if phases is not None and phases.seconds else "")
     )
 
 

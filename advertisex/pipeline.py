@@ -173,6 +173,7 @@ class FeedBatchWriter:
         started_at = dt.datetime.now(dt.timezone.utc)
         feed = self.spec.feed
         qid = self.query_id()
+        phases = monitoring.Laps(started)
         if self.monitor is not None:
             self.monitor.feed_batch_started(feed, started_at)
         try:
@@ -185,8 +186,9 @@ class FeedBatchWriter:
             log.warning("%s batch %d: a file is not readable Avro (%s); reading file by file",
                         feed, batch_id, str(exc).splitlines()[0][:200])
             staged, account = self._staged(batch_df, batch_id, started_at, salvage=True)
+        phases.lap("staging")
         try:
-            self._write(staged, account, qid, batch_id)
+            self._write(staged, account, qid, batch_id, phases)
         finally:
             staged.unpersist()
         seconds = time.monotonic() - started
@@ -194,11 +196,13 @@ class FeedBatchWriter:
             monitoring.metrics_frame(batch_df.sparkSession, account, self.query_name, qid, started_at, int(seconds * 1000)),
             self.settings.table("ops/metrics"), f"{qid}:ops/metrics", batch_id,
         )
+        phases.lap("metrics")
         if self.monitor is not None:
             self.monitor.feed_batch(account, started_at, seconds)
-        log.info(monitoring.status_line(account, seconds))
+        log.info(monitoring.status_line(account, time.monotonic() - started, phases))
 
-    def _write(self, staged: DataFrame, account: monitoring.BatchAccount, qid: str, batch_id: int) -> None:
+    def _write(self, staged: DataFrame, account: monitoring.BatchAccount, qid: str, batch_id: int,
+               phases: monitoring.Laps) -> None:
         """Silver first: it is what the correlation query and every reader wait for. Bronze and
         quarantine follow from the same cached batch, then the account is read back from silver."""
         feed, table = self.spec.feed, self.settings.table
@@ -210,16 +214,20 @@ class FeedBatchWriter:
             lake.insert_new_rows(build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag)),
                                  table(f"silver/{name}"), silver.SILVER_KEYS[name], f"{qid}:silver/{name}", batch_id,
                                  silver.PARTITIONS[name])
+            phases.lap(f"silver/{name}")
         lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze", batch_id,
                          bronze.BRONZE_PARTITIONS)
+        phases.lap("bronze")
         if account.rows_quarantined:
             lake.append_once(to_quarantine(staged, self.spec.raw_text()), table(f"quarantine/{feed}"),
                              f"{qid}:quarantine", batch_id)
+            phases.lap("quarantine")
         for name in self.spec.silver_tables:
             by_campaign, ivt = _campaign_counts(committed_rows(staged.sparkSession, table(f"silver/{name}"), batch_tag))
             account.by_campaign[f"silver:{name}"] = by_campaign
             account.ivt_rows += ivt
             account.silver_by_table[name] = sum(by_campaign.values())
+        phases.lap("read back")
 
 
 def committed_rows(spark: SparkSession, path: str, batch_tag: str) -> DataFrame:

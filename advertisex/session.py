@@ -63,8 +63,11 @@ def build_session(settings: Settings, app_name: str | None = None) -> SparkSessi
         "spark.ui.showConsoleProgress": "false",
     }
     log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
-    if os.path.isfile(log4j) and not os.environ.get("ADVX_SUBMITTED"):
-        options["spark.driver.extraJavaOptions"] = f"-Dlog4j.configurationFile=file:{log4j}"
+    if not os.environ.get("ADVX_SUBMITTED"):  # spark-submit.sh passes its own
+        java = [f"-Dlog4j.configurationFile=file:{log4j}"] if os.path.isfile(log4j) else []
+        java += [spark_conf["driver_java_options"]] if spark_conf["driver_java_options"] else []
+        if java:
+            options["spark.driver.extraJavaOptions"] = " ".join(java)
     # Under spark-submit the wrapper already passes --jars; a plain python process needs them here.
     jars = project_jars()
     if jars and not os.environ.get("ADVX_SUBMITTED"):

@@ -66,3 +66,11 @@ def test_rules_merge_by_name(tmp_path):
 ])
 def test_delta_snapshot_tasks_follow_the_environment(conf_file, tasks):
     assert snapshot_tasks(load_conf(os.path.join(ROOT, conf_file)).conf["spark"]) == tasks
+
+
+def test_the_driver_jvm_runs_with_the_java_options_of_the_conf(spark):
+    """conf/test.yaml asks for the parallel collector, as conf/local.yaml does: the session's JVM
+    must run it (its collectors are named PS ...), not the JVM's default G1."""
+    assert load_conf(os.path.join(ROOT, "conf/test.yaml")).conf["spark"]["driver_java_options"] == "-XX:+UseParallelGC"
+    beans = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getGarbageCollectorMXBeans()
+    assert sorted(bean.getName() for bean in beans) == ["PS MarkSweep", "PS Scavenge"]
