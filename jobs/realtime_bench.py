@@ -31,11 +31,11 @@ from pyspark.sql import functions as F
 from advertisex import backfill, correlation, pipeline
 from advertisex.config import Settings
 from advertisex.generator import Generator, GeneratorOptions, KafkaPublisher
+from advertisex.gold import SILVER_TABLES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEEDS = ("impressions", "clicks_conversions", "bid_requests")
 SOURCES = ("kafka", "files")
-SILVER = ("impressions", "clicks", "conversions", "bid_requests")
 EVENTS_PER_IMPRESSION = 2.8  # all feeds, from the generator's default funnel
 GOLD_WAIT_SECONDS = 900  # after the input is ingested, at most this long for gold to read all of silver
 
@@ -196,7 +196,7 @@ def latencies(spark: SparkSession, settings: Settings, produced: DataFrame, by_f
     gold = [(r["started"], r["ended"]) for r in metrics.filter("feed = 'gold'")
             .select(F.col("batch_started_at").alias("started"), ends.alias("ended")).collect()]
     silver = None
-    for table in SILVER:
+    for table in SILVER_TABLES:
         part = (spark.read.format("delta").load(settings.table(f"silver/{table}")).select("source", "ingest_batch")
                 .join(silver_commits(spark, settings, table), "ingest_batch"))
         silver = part if silver is None else silver.unionByName(part)
