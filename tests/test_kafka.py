@@ -99,6 +99,34 @@ def test_bronze_keeps_topic_partition_offset_as_the_source(spark, kafka_lake):
         assert_df_equality(actual, spark.createDataFrame([(n, n, n)], actual.schema), ignore_nullable=True)
 
 
+def test_every_message_is_keyed_by_its_user_id(spark, kafka_lake):
+    """One user's events stay in order in one partition: a message's key is its record's user id
+    (none for a record without one, such as a malformed line, an empty user id or a cut-off Avro body)."""
+    settings, manifest = kafka_lake
+    kafka = settings.conf["kafka"]
+    text = F.col("value").cast("string")
+    users = {
+        "impressions": lambda m: m.withColumn("user", F.nullif(F.get_json_object(text, "$.user_id"), F.lit(""))),
+        "clicks_conversions": lambda m: m.withColumn("user", F.nullif(F.split(text, ",")[3], F.lit(""))),
+        "bid_requests": lambda m: sources.to_kafka_records(m, "bid_requests", kafka["schema_registry_ids"])
+        .join(m.select(F.concat_ws("/", "topic", F.col("partition").cast("string"), F.col("offset").cast("string"))
+                       .alias("source"), "key"), "source")
+        .withColumn("user", F.col("record.user.user_id")),
+    }
+    parts = []
+    for feed, with_user in users.items():
+        messages = (spark.read.format("kafka").option("kafka.bootstrap.servers", kafka["bootstrap_servers"])
+                    .option("subscribe", kafka["topics"][feed]).option("startingOffsets", "earliest").load())
+        parts.append(with_user(messages).agg(
+            F.lit(feed).alias("feed"),
+            F.count(F.lit(1)).alias("messages"),
+            F.count_if(~F.col("key").cast("string").eqNullSafe(F.col("user"))).alias("other_key"),
+        ))
+    actual = parts[0].unionByName(parts[1]).unionByName(parts[2])
+    expected = spark.createDataFrame([(feed, manifest.input_records[feed], 0) for feed in users], actual.schema)
+    assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
+
+
 def test_gold_from_kafka_matches_the_manifest(spark, kafka_lake):
     settings, manifest = kafka_lake
     version = table_version(spark, settings, "gold/bid_funnel_hourly")
