@@ -19,7 +19,7 @@ FEEDS = ("impressions", "clicks_conversions", "bid_requests")
 
 # Sections whose keys are free-form (names chosen by the user), so they are not checked against
 # the defaults key by key.
-_OPEN_SECTIONS = {"spark.extra", "kafka.options", "kafka.producer_options"}
+_OPEN_SECTIONS = {"spark.extra", "kafka.options", "kafka.producer_options", "streaming.feed_trigger_intervals"}
 _RULE_SECTIONS = {f"validation.rules.{feed}" for feed in FEEDS}
 _INTERVAL = re.compile(r"^\d+\s+(second|minute|hour|day)s?$")
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -75,7 +75,12 @@ def _check(conf: dict) -> None:
         value = conf[section][name]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"conf key '{key}' must be a positive integer, got {value!r}")
-    intervals = {"streaming.trigger_interval": conf["streaming"]["trigger_interval"],
+    feed_intervals = conf["streaming"]["feed_trigger_intervals"] or {}
+    if not isinstance(feed_intervals, dict) or not set(feed_intervals) <= set(FEEDS):
+        raise ConfigError(f"conf key 'streaming.feed_trigger_intervals' must map feeds ({', '.join(FEEDS)}) "
+                          f"to intervals, got {feed_intervals!r}")
+    intervals = {f"streaming.feed_trigger_intervals.{k}": v for k, v in feed_intervals.items()}
+    intervals |= {"streaming.trigger_interval": conf["streaming"]["trigger_interval"],
                  "validation.max_future_skew": conf["validation"]["max_future_skew"],
                  "correlation.watermark": conf["correlation"]["watermark"]}
     intervals.update({f"correlation.windows.{k}": v for k, v in conf["correlation"]["windows"].items()})

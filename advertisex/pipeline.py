@@ -284,12 +284,19 @@ def ensure_silver_tables(spark: SparkSession, settings: Settings, privacy: Priva
             lake.ensure_table(spark, rows, settings.table(f"silver/{name}"), silver.PARTITIONS[name])
 
 
-def _start(df: DataFrame, name: str, handler, checkpoint: str, settings: Settings, available_now: bool) -> StreamingQuery:
+def trigger_interval(settings: Settings, feed: str | None = None) -> str:
+    """The micro-batch interval of a feed's query (its own, if the conf gives one) or of the others."""
+    streaming = settings.conf["streaming"]
+    return (streaming["feed_trigger_intervals"] or {}).get(feed) or streaming["trigger_interval"]
+
+
+def _start(df: DataFrame, name: str, handler, checkpoint: str, settings: Settings, available_now: bool,
+           feed: str | None = None) -> StreamingQuery:
     writer = df.writeStream.queryName(name).option("checkpointLocation", checkpoint).foreachBatch(handler)
     if available_now:
         writer = writer.trigger(availableNow=True)
     else:
-        writer = writer.trigger(processingTime=settings.conf["streaming"]["trigger_interval"])
+        writer = writer.trigger(processingTime=trigger_interval(settings, feed))
     return writer.start()
 
 
@@ -357,7 +364,7 @@ def start_ingestion_queries(spark: SparkSession, settings: Settings, available_n
     def feed_query(feed: str) -> StreamingQuery:
         stream, checkpoint = _feed_stream(spark, settings, feed)
         handler = FeedBatchWriter(spark, settings, FEEDS[feed], f"advx_{feed}", privacy, monitor)
-        return _start(stream, f"advx_{feed}", handler, checkpoint, settings, available_now)
+        return _start(stream, f"advx_{feed}", handler, checkpoint, settings, available_now, feed)
 
     if settings.landing is not None:
         sources.check_landing(settings)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from advertisex.config import ConfigError, load_conf, pseudonymization_key
+from advertisex.pipeline import trigger_interval
 from advertisex.session import snapshot_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +25,24 @@ def _conf(tmp_path, text: str) -> str:
     ("source: ftp\n", "conf key 'source' must be 'files' or 'kafka'"),
     ("spark:\n  shuffle_partitions: 0\n", "conf key 'spark.shuffle_partitions' must be a positive integer"),
     ("streaming:\n  trigger_interval: soon\n", "conf key 'streaming.trigger_interval' must look like"),
+    ("streaming:\n  feed_trigger_intervals:\n    clicks: 30 seconds\n",
+     "conf key 'streaming.feed_trigger_intervals' must map feeds (impressions, clicks_conversions, bid_requests)"),
+    ("streaming:\n  feed_trigger_intervals:\n    bid_requests: often\n",
+     "conf key 'streaming.feed_trigger_intervals.bid_requests' must look like"),
     ("validation:\n  rules:\n    impressions:\n      malformed_record: null\n", "must define malformed_record"),
     ("spark: [1\n", "is not valid YAML"),
 ])
 def test_bad_conf_names_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_conf(_conf(tmp_path, text))
+
+
+def test_a_feed_may_have_its_own_trigger_interval(tmp_path):
+    settings = load_conf(_conf(tmp_path, "streaming:\n  trigger_interval: 5 seconds\n"
+                                         "  feed_trigger_intervals:\n    clicks_conversions: 1 minute\n"))
+    intervals = {feed: trigger_interval(settings, feed) for feed in ("impressions", "clicks_conversions", "bid_requests")}
+    assert intervals == {"impressions": "5 seconds", "clicks_conversions": "1 minute", "bid_requests": "5 seconds"}
+    assert trigger_interval(settings) == "5 seconds"  # queries that are not a feed's (dimension, gold)
 
 
 def test_missing_secret(monkeypatch):
