@@ -29,12 +29,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from advertisex import backfill, correlation, pipeline
-from advertisex.config import Settings
+from advertisex.config import FEEDS, Settings
 from advertisex.generator import Generator, GeneratorOptions, KafkaPublisher
 from advertisex.gold import SILVER_TABLES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FEEDS = ("impressions", "clicks_conversions", "bid_requests")
 SOURCES = ("kafka", "files")
 EVENTS_PER_IMPRESSION = 2.8  # all feeds, from the generator's default funnel
 GOLD_WAIT_SECONDS = 900  # after the input is ingested, at most this long for gold to read all of silver
