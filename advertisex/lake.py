@@ -4,9 +4,8 @@ Appends name their micro-batch (app id: the query's id and the table; version: t
 the commit's ``userMetadata``, and skip a batch the table already holds. They do not use Delta's
 own ``txnAppId``/``txnVersion`` options: in this Delta release, checking those makes Delta rebuild
 the table's whole state (three Spark jobs) on every append, which cost 0.4 s of a 0.65 s append
-(docs/BENCHMARKS.md). MERGE takes Delta's pair from the session conf, set here on the
-micro-batch's own session so concurrent queries do not see it; a MERGE reads the table's state
-anyway, so the check costs it little.
+(docs/BENCHMARKS.md). The dimension's upsert, a MERGE, takes Delta's pair from the session conf
+(``delta_transaction``), set on the micro-batch's own session so concurrent queries do not see it.
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from delta.exceptions import (
 )
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 CONFLICTS = (
     ConcurrentAppendException, ConcurrentDeleteDeleteException, ConcurrentDeleteReadException,
@@ -93,8 +93,11 @@ def last_appended(spark: SparkSession, path: str, app_id: str) -> int | None:
         limit *= 8
 
 
-def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_by: list[str] | None = None) -> None:
+def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_by: list[str] | None = None) -> bool:
     """Append ``df`` as micro-batch ``version`` of ``app_id``, unless the table holds that batch.
+    True when this call wrote ``df`` (an ``observe()`` on it then has its figures); False when the
+    batch was in the table already, or when Delta's own transaction check decided (see below),
+    which may have skipped the write.
 
     The table's history is read when this process has not appended the app id's previous batches
     (a query's first batch after a start, which may replay one committed before a crash), or when
@@ -109,7 +112,7 @@ def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_b
     if last is not None and last >= version:
         log.info("%s: batch %d of %s is in the table already; not appended again", path, version, app_id)
         _appended[key] = last
-        return
+        return False
     writer = df.write.format("delta").mode("append").option("userMetadata", batch_mark(app_id, version))
     if last is None:
         writer = writer.option("txnAppId", app_id).option("txnVersion", str(version))
@@ -117,6 +120,7 @@ def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_b
         writer = writer.partitionBy(*partition_by)
     writer.save(path)
     _appended[key] = version
+    return last is not None
 
 
 def ensure_table(spark: SparkSession, df: DataFrame, path: str, partition_by: list[str] | None = None) -> None:
@@ -149,23 +153,23 @@ def delta_transaction(spark: SparkSession, app_id: str, version: int):
         spark.conf.unset(_TXN_VERSION)
 
 
-def insert_new_rows(df: DataFrame, path: str, key: str, app_id: str, version: int,
-                    partition_by: list[str] | None = None, retries: int = 5) -> None:
-    """Insert the rows of ``df`` whose ``key`` is not in the table yet (``df`` must hold each key
-    once). Delta skips the MERGE when this (app_id, version) was committed before, i.e. when the
-    micro-batch is a replay; the caller finds what went in by the rows' own batch tag."""
+def new_rows(df: DataFrame, path: str, key: str, candidates: DataFrame) -> DataFrame:
+    """The rows of ``df`` whose ``key`` the table at ``path`` does not hold yet. ``candidates``: a
+    one-column frame holding at least ``df``'s keys, cheaper to compute than ``df`` itself.
+
+    The candidates are broadcast and the table's key column is scanned against them; the keys
+    found there (a batch's duplicates: few) are broadcast back against ``df``. Neither side
+    shuffles the table, whose size grows with every batch. A broadcast id costs about 50 bytes
+    of the driver's memory: a micro-batch is capped (``max_offsets_per_trigger``,
+    ``max_files_per_trigger``) well below what that makes a concern.
+    """
     spark = df.sparkSession
-    ensure_table(spark, df, path, partition_by)
-
-    def merge() -> None:
-        target = DeltaTable.forPath(spark, path).alias("t")  # read again on every attempt
-        with delta_transaction(spark, app_id, version):
-            target.merge(df.alias("s"), f"t.`{key}` = s.`{key}`").whenNotMatchedInsertAll().execute()
-
-    # An OPTIMIZE (or another maintenance job) may rewrite files this MERGE read. Trying again is
-    # safe: the transaction id still makes a committed attempt a no-op.
-    with_conflict_retries(merge, retries, on_retry=lambda n, exc: log.warning(
-        "%s: MERGE lost to a concurrent commit (%s); retry %d", path, type(exc).__name__, n))
+    candidates = F.broadcast(candidates.toDF("_candidate").filter(F.col("_candidate").isNotNull()))
+    present = (
+        spark.read.format("delta").load(path).select(F.col(key).alias("_present"))
+        .join(candidates, on=F.col("_present") == F.col("_candidate"), how="left_semi")
+    )
+    return df.join(F.broadcast(present), on=F.col(key) == F.col("_present"), how="left_anti")
 
 
 def with_conflict_retries(write, retries: int = 5, on_retry=None):

@@ -1,7 +1,7 @@
 """Table maintenance that runs while the streams write: OPTIMIZE (compaction) and VACUUM.
 
 OPTIMIZE commits with ``dataChange = false``, so streams reading the table skip it, and a
-stream's insert-only MERGE that read files OPTIMIZE replaced retries (``lake.insert_new_rows``).
+stream's silver append that read files OPTIMIZE replaced retries (``pipeline``).
 OPTIMIZE itself can lose to a concurrent delete or overwrite of the same files; it is retried here.
 """
 from __future__ import annotations

@@ -155,15 +155,24 @@ class Laps:
 
     def __init__(self, started: float):
         self.seconds: dict[str, float] = {}
+        self.parts: dict[str, dict[str, float]] = {}
         self._mark = started
 
-    def lap(self, step: str) -> None:
+    def lap(self, step: str, parts: dict[str, float] | None = None) -> None:
+        """End ``step``; ``parts``: the seconds of the sub-steps it ran side by side, if any."""
         now = time.monotonic()
         self.seconds[step] = now - self._mark
         self._mark = now
+        if parts:
+            self.parts[step] = parts
 
     def text(self) -> str:
-        return ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.seconds.items())
+        def one(step: str, seconds: float) -> str:
+            parts = self.parts.get(step)
+            inner = f" [{', '.join(f'{p} {s:.1f} s' for p, s in parts.items())}]" if parts else ""
+            return f"{step} {seconds:.1f} s{inner}"
+
+        return ", ".join(one(step, seconds) for step, seconds in self.seconds.items())
 
 
 def status_line(account: BatchAccount, seconds: float, phases: Laps | None = None) -> str:

@@ -1,16 +1,20 @@
 """The ingestion pipeline: one streaming query per feed (file drops or Kafka), each micro-batch through
 bronze and silver.
 
-A micro-batch of a feed is written four times, each write idempotent for (query id, batch id):
-silver (insert of ids not yet present), bronze (append), quarantine (append), ops/metrics
-(append). A batch replayed after a crash therefore changes nothing that was already committed.
+A micro-batch of a feed is written four times, each write safe to repeat: silver (insert of ids
+not yet present), bronze and quarantine (appends marked with the query id and batch id), then
+ops/metrics (the same). A batch replayed after a crash therefore changes nothing that was
+already committed.
 """
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +24,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
+from pyspark.util import inheritable_thread_target
 
 from advertisex import alerting, bronze, correlation, lake, monitoring, parsing, silver, sources
 from advertisex.config import Settings, pseudonymization_key
@@ -203,31 +208,68 @@ class FeedBatchWriter:
 
     def _write(self, staged: DataFrame, account: monitoring.BatchAccount, qid: str, batch_id: int,
                phases: monitoring.Laps) -> None:
-        """Silver first: it is what the correlation query and every reader wait for. Bronze and
-        quarantine follow from the same cached batch, then the account is read back from silver."""
+        """Every table's write side by side: each silver table's, bronze and quarantine. Each is a
+        few small Spark jobs and mostly the driver's work (a Delta snapshot, planning, a commit),
+        so one's waits overlap another's work. Every write is safe to repeat, alone: a batch that
+        fails in one of them is replayed whole."""
         feed, table = self.spec.feed, self.settings.table
         valid = filter_valid(staged)
-        batch_tag = f"{qid}:{batch_id}"
-        for name, build in self.spec.silver_tables.items():
-            # Not cached: the MERGE builds the rows (deduplication, user agents, pseudonyms) in the
-            # pass that writes them, and the batch's account is read back from what it committed.
-            lake.insert_new_rows(build(valid, self.privacy).withColumn("ingest_batch", F.lit(batch_tag)),
-                                 table(f"silver/{name}"), silver.SILVER_KEYS[name], f"{qid}:silver/{name}", batch_id,
-                                 silver.PARTITIONS[name])
-            phases.lap(f"silver/{name}")
-        lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze", batch_id,
-                         bronze.BRONZE_PARTITIONS)
-        phases.lap("bronze")
+        writes = {f"silver/{name}": functools.partial(self._insert_new_rows, name, build, valid, qid, batch_id)
+                  for name, build in self.spec.silver_tables.items()}
+        writes["bronze"] = lambda: lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze",
+                                                    batch_id, bronze.BRONZE_PARTITIONS)
         if account.rows_quarantined:
-            lake.append_once(to_quarantine(staged, self.spec.raw_text()), table(f"quarantine/{feed}"),
-                             f"{qid}:quarantine", batch_id)
-            phases.lap("quarantine")
+            writes["quarantine"] = lambda: lake.append_once(to_quarantine(staged, self.spec.raw_text()),
+                                                            table(f"quarantine/{feed}"), f"{qid}:quarantine", batch_id)
+
+        def timed(write):
+            started = time.monotonic()
+            return write(), time.monotonic() - started
+
+        # Each thread takes the batch's job group: stopping the query cancels its writes too.
+        with ThreadPoolExecutor(max_workers=len(writes)) as pool:
+            running = {step: pool.submit(inheritable_thread_target(timed), write) for step, write in writes.items()}
+            done = {step: future.result() for step, future in running.items()}
         for name in self.spec.silver_tables:
-            by_campaign, ivt = _campaign_counts(committed_rows(staged.sparkSession, table(f"silver/{name}"), batch_tag))
+            by_campaign, ivt = done[f"silver/{name}"][0]
             account.by_campaign[f"silver:{name}"] = by_campaign
-            account.ivt_rows += ivt
             account.silver_by_table[name] = sum(by_campaign.values())
-        phases.lap("read back")
+            account.ivt_rows += ivt
+        phases.lap("writes", {step: seconds for step, (_, seconds) in done.items()})
+
+    def _insert_new_rows(self, name: str, build: SilverBuilder, valid: DataFrame, qid: str, batch_id: int
+                         ) -> tuple[dict[str, int], int]:
+        """Append the batch's rows whose id silver does not hold yet (``lake.new_rows``); return
+        them by campaign, and how many of them are IVT.
+
+        The rows are built (deduplication in the batch, user agents, pseudonyms) in the pass that
+        appends them, which also counts them (``observe``). Only this query writes the table: no
+        other writer can add one of the ids between the look and the append. A replayed batch
+        that had committed is not appended again; its figures are read back from the rows it
+        committed, by their batch tag.
+        """
+        path, tag = self.settings.table(f"silver/{name}"), f"{qid}:{batch_id}"
+        spark = valid.sparkSession
+        rows = build(valid, self.privacy).withColumn("ingest_batch", F.lit(tag))
+        lake.ensure_table(spark, rows, path, silver.PARTITIONS[name])
+        campaign = "bid_campaign_id" if "bid_campaign_id" in rows.columns else "campaign_id"
+        key = silver.SILVER_KEYS[name]
+
+        def append() -> tuple[dict[str, int], int]:
+            observation = Observation(f"advx_silver_{name}_{batch_id}_{uuid.uuid4().hex[:8]}")
+            counted = lake.new_rows(rows, path, key, candidates=valid.select(key)).observe(
+                observation, F.collect_list(F.coalesce(F.col(campaign), F.lit("none"))).alias("campaigns"),
+                F.count_if("is_ivt").alias("ivt"))
+            if lake.append_once(counted, path, f"{qid}:silver/{name}", batch_id, silver.PARTITIONS[name]):
+                figures = observation.get
+                return dict(Counter(figures["campaigns"])), int(figures["ivt"])
+            return _campaign_counts(committed_rows(spark, path, tag))
+
+        # The append reads the table (for the ids it holds), so Delta checks it against concurrent
+        # commits: an OPTIMIZE that replaced files it read makes it fail, uncommitted, and it is
+        # simply tried again.
+        return lake.with_conflict_retries(append, on_retry=lambda n, exc: log.warning(
+            "%s: append lost to a concurrent commit (%s); retry %d", path, type(exc).__name__, n))
 
 
 def committed_rows(spark: SparkSession, path: str, batch_tag: str) -> DataFrame:

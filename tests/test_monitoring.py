@@ -145,16 +145,17 @@ def test_a_status_line_gives_the_batch_account_and_the_seconds_of_each_step(monk
     clock = iter([10.0, 12.5, 13.0, 16.25])
     monkeypatch.setattr(monitoring.time, "monotonic", lambda: next(clock))
     laps = monitoring.Laps(monitoring.time.monotonic())
-    for step in ("staging", "silver/clicks", "bronze"):
-        laps.lap(step)
+    laps.lap("staging")
+    laps.lap("writes", {"silver/clicks": 0.3, "bronze": 0.5})
+    laps.lap("metrics")
     account = monitoring.BatchAccount(
         "clicks_conversions", 7, rows_in=1_250, rows_quarantined=3,
         quarantine_by_rule={"negative_amount": 1, "malformed_record": 2}, silver_by_table={"clicks": 1_200, "conversions": 40},
     )
-    assert laps.seconds == {"staging": 2.5, "silver/clicks": 0.5, "bronze": 3.25}
+    assert laps.seconds == {"staging": 2.5, "writes": 0.5, "metrics": 3.25}
     assert monitoring.status_line(account, 6.25, laps) == (
         "clicks_conversions batch 7: 1,250 in | 1,240 silver | 3 quarantined (malformed_record=2, negative_amount=1)"
-        " | 7 duplicates | 6.2 s (200 rows/s) (staging 2.5 s, silver/clicks 0.5 s, bronze 3.2 s)"
+        " | 7 duplicates | 6.2 s (200 rows/s) (staging 2.5 s, writes 0.5 s [silver/clicks 0.3 s, bronze 0.5 s], metrics 3.2 s)"
     )
     assert monitoring.status_line(account, 6.25) == (
         "clicks_conversions batch 7: 1,250 in | 1,240 silver | 3 quarantined (malformed_record=2, negative_amount=1)"
