@@ -1,10 +1,10 @@
 """The ingestion pipeline: one streaming query per feed (file drops or Kafka), each micro-batch through
 bronze and silver.
 
-A micro-batch of a feed is written four times, each write safe to repeat: silver (insert of ids
-not yet present), bronze and quarantine (appends marked with the query id and batch id), then
-ops/metrics (the same). A batch replayed after a crash therefore changes nothing that was
-already committed.
+A micro-batch of a feed is written four times: silver (the ids it does not hold yet), bronze and
+quarantine side by side, then ops/metrics. Each is an append marked with the query id and batch
+id, which skips a batch the table holds already, so a batch replayed after a crash changes
+nothing that was already committed.
 """
 from __future__ import annotations
 
@@ -98,12 +98,17 @@ def _is_unreadable_file(exc: Exception) -> bool:
     return "FAILED_READ_FILE" in str(exc)
 
 
+def _campaign_of(rows: DataFrame) -> Column:
+    """The campaign a silver row counts under in a batch's account ("none" for none)."""
+    campaign = "bid_campaign_id" if "bid_campaign_id" in rows.columns else "campaign_id"
+    return F.coalesce(F.col(campaign), F.lit("none"))
+
+
 def _campaign_counts(rows: DataFrame) -> tuple[dict[str, int], int]:
     """Rows per campaign and IVT rows of a micro-batch's silver rows (a handful of campaigns per
     batch: the collect is the metric, not the data)."""
-    campaign = "bid_campaign_id" if "bid_campaign_id" in rows.columns else "campaign_id"
     counts = (
-        rows.groupBy(F.coalesce(F.col(campaign), F.lit("none")).alias("campaign"))
+        rows.groupBy(_campaign_of(rows).alias("campaign"))
         .agg(F.count(F.lit(1)).alias("rows"), F.count_if("is_ivt").alias("ivt"))
         .collect()
     )
@@ -252,14 +257,12 @@ class FeedBatchWriter:
         spark = valid.sparkSession
         rows = build(valid, self.privacy).withColumn("ingest_batch", F.lit(tag))
         lake.ensure_table(spark, rows, path, silver.PARTITIONS[name])
-        campaign = "bid_campaign_id" if "bid_campaign_id" in rows.columns else "campaign_id"
         key = silver.SILVER_KEYS[name]
 
         def append() -> tuple[dict[str, int], int]:
             observation = Observation(f"advx_silver_{name}_{batch_id}_{uuid.uuid4().hex[:8]}")
             counted = lake.new_rows(rows, path, key, candidates=valid.select(key)).observe(
-                observation, F.collect_list(F.coalesce(F.col(campaign), F.lit("none"))).alias("campaigns"),
-                F.count_if("is_ivt").alias("ivt"))
+                observation, F.collect_list(_campaign_of(rows)).alias("campaigns"), F.count_if("is_ivt").alias("ivt"))
             if lake.append_once(counted, path, f"{qid}:silver/{name}", batch_id, silver.PARTITIONS[name]):
                 figures = observation.get
                 return dict(Counter(figures["campaigns"])), int(figures["ivt"])

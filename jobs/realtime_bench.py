@@ -176,7 +176,7 @@ def _produced_at_files(spark: SparkSession, dropper: _FileDropper) -> DataFrame:
 
 
 def silver_commits(spark: SparkSession, settings: Settings, table: str) -> DataFrame:
-    """(ingest_batch, silver_at): when each micro-batch's MERGE into ``silver/<table>`` committed:
+    """(ingest_batch, silver_at): when each micro-batch's append to ``silver/<table>`` committed:
     the timestamp, in the Delta log, of the commit that added the data files holding its rows.
     (A file OPTIMIZE rewrote is added without ``dataChange``: its rows would have no time. The
     benchmark runs no OPTIMIZE.)"""

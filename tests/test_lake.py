@@ -1,4 +1,5 @@
-"""append_once: a micro-batch replayed after a crash or a failure is not appended twice."""
+"""append_once: a micro-batch replayed after a crash or a failure is not appended twice; new_rows:
+the rows whose id a table does not hold yet."""
 from __future__ import annotations
 
 from chispa import assert_df_equality
@@ -59,3 +60,22 @@ def test_a_table_written_with_delta_transactions_only_is_still_checked(spark, tm
     assert_df_equality(table(spark, path), spark.createDataFrame([("a", v) for v in range(4)], SCHEMA),
                        ignore_row_order=True)
     assert lake.last_appended(spark, path, "a") == 3
+
+
+def test_append_once_says_whether_it_wrote_the_batch_itself(spark, tmp_path):
+    """True only when the append went in on its own mark: the caller's observe() then has figures."""
+    path = str(tmp_path / "t")
+    assert lake.append_once(batch(spark, "a", 0), path, "a", 0) is False  # no marked commit yet: Delta's check decides
+    assert lake.append_once(batch(spark, "a", 1), path, "a", 1) is True
+    assert lake.append_once(batch(spark, "a", 1), path, "a", 1) is False  # a replay
+    assert_df_equality(table(spark, path), spark.createDataFrame([("a", 0), ("a", 1)], SCHEMA), ignore_row_order=True)
+
+
+def test_new_rows_are_those_whose_id_the_table_does_not_hold(spark, tmp_path):
+    path = str(tmp_path / "t")
+    rows = "id string, n long"
+    spark.createDataFrame([("a", 1), ("b", 1)], rows).write.format("delta").save(path)
+    incoming = spark.createDataFrame([("b", 2), ("c", 2), ("d", 2)], rows)
+    candidates = spark.createDataFrame([("b",), ("c",), ("d",), ("e",), (None,)], "id string")  # may hold more
+    assert_df_equality(lake.new_rows(incoming, path, "id", candidates),
+                       spark.createDataFrame([("c", 2), ("d", 2)], rows), ignore_row_order=True)
