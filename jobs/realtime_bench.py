@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -213,35 +214,35 @@ def latencies(spark: SparkSession, settings: Settings, produced: DataFrame, by_f
     reached_gold = F.array_min(F.transform(
         F.filter(gold_batches, lambda g: g["started"] >= F.col("silver_at") + F.expr("INTERVAL 1 SECOND")),
         lambda g: g["ended"])) if gold else F.lit(None).cast("timestamp")  # a run without the gold query
-    first_produced = joined.agg(F.min(F.unix_micros("produced_at"))).first()[0]
-    seconds = joined.select(
-        "table",
-        # The minute of the run the event was produced in: whether latency holds through a run, as
-        # the JVM warms up and gold batches grow with the hour (docs/BENCHMARKS.md).
-        F.floor((F.unix_micros("produced_at") - F.lit(first_produced)) / 60e6).cast("int").alias("minute"),
-        (F.unix_micros("silver_at") - F.unix_micros("produced_at")).alias("to_silver"),
-        (F.unix_micros(reached_gold) - F.unix_micros("produced_at")).alias("to_gold"),
-    )
-    quantiles = F.lit([0.5, 0.95, 0.99])
-    minutes = seconds.groupBy("minute").agg(
-        F.count(F.lit(1)).alias("events"),
-        F.percentile_approx("to_silver", quantiles, 10000).alias("silver"),
-        F.percentile_approx("to_gold", quantiles, 10000).alias("gold"),
-    ).collect()
-    # Per table as well as over all events (the rollup's row without a table): a feed with its own,
-    # longer trigger interval is a small share of the events.
-    rows = seconds.rollup("table").agg(
-        F.count(F.lit(1)).alias("events"),
-        F.count("to_gold").alias("in_gold"),
-        F.percentile_approx("to_silver", quantiles, 10000).alias("silver"),
-        F.percentile_approx("to_gold", quantiles, 10000).alias("gold"),
-    ).collect()
-    row = next(r for r in rows if r["table"] is None)
+    joined = joined.persist(StorageLevel.MEMORY_AND_DISK)  # read by the first-event pass and the aggregate
+    try:
+        first_produced = joined.agg(F.min(F.unix_micros("produced_at"))).first()[0]
+        seconds = joined.select(
+            "table",
+            # The minute of the run the event was produced in: whether latency holds through a run,
+            # as the JVM warms up and gold batches grow with the hour (docs/BENCHMARKS.md).
+            F.floor((F.unix_micros("produced_at") - F.lit(first_produced)) / 60e6).cast("int").alias("minute"),
+            (F.unix_micros("silver_at") - F.unix_micros("produced_at")).alias("to_silver"),
+            (F.unix_micros(reached_gold) - F.unix_micros("produced_at")).alias("to_gold"),
+        )
+        quantiles = F.lit([0.5, 0.95, 0.99])
+        # One pass for all events, per table (a feed with its own, longer trigger interval is a
+        # small share of the events) and per minute; a row's grouping column that is NULL is the
+        # one it is not grouped by.
+        rows = seconds.groupingSets([["table"], ["minute"], []], "table", "minute").agg(
+            F.count(F.lit(1)).alias("events"),
+            F.count("to_gold").alias("in_gold"),
+            F.percentile_approx("to_silver", quantiles, 10000).alias("silver"),
+            F.percentile_approx("to_gold", quantiles, 10000).alias("gold"),
+        ).collect()
+    finally:
+        joined.unpersist()
+    row = next(r for r in rows if r["table"] is None and r["minute"] is None)
     to_s = lambda values: [v / 1e6 for v in values] if values else [None] * 3  # noqa: E731
     return {"events": row["events"], "in_gold": row["in_gold"], "silver": to_s(row["silver"]), "gold": to_s(row["gold"]),
             "silver_by_table": {r["table"]: to_s(r["silver"]) for r in rows if r["table"] is not None},
             "by_minute": {r["minute"]: {"events": r["events"], "silver": to_s(r["silver"]), "gold": to_s(r["gold"])}
-                          for r in sorted(minutes, key=lambda r: r["minute"])}}
+                          for r in sorted((r for r in rows if r["minute"] is not None), key=lambda r: r["minute"])}}
 
 
 def rate_options(rate: float, duration: int, event_time: str, now: dt.datetime) -> GeneratorOptions:
