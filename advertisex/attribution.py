@@ -239,13 +239,16 @@ def resolve_clicks(clicks: DataFrame, candidates: DataFrame, windows: Windows) -
 
 
 def resolve_conversions(conversions: DataFrame, candidates: DataFrame, resolved_clicks: DataFrame) -> DataFrame:
-    """Every silver conversion with its ``touch`` (click, view or none), click and impression.
+    """Every silver conversion with its ``touch`` (click, view or none), click, and impression
+    (``touch_impression_id`` and ``touch_impression_time``).
 
     Only counted clicks are touches, so the click candidates are checked against the clicks'
-    final IVT verdict; ``resolved_clicks`` must cover the conversion window before the dates.
+    final IVT verdict; ``resolved_clicks`` must hold every click the conversions' candidates name
+    (the conversion window before them, or just those clicks' hours: ``gold.click_hours``).
     """
     counted = resolved_clicks.filter(~F.col("is_ivt")).select(
-        F.col("event_id").alias("counted_click_id"), F.col("matched_impression_id").alias("click_impression_id"))
+        F.col("event_id").alias("counted_click_id"), F.col("matched_impression_id").alias("click_impression_id"),
+        F.col("impression_time").alias("click_impression_time"))
     click_candidates_ = (
         candidates.filter(F.col("kind") == CONVERSION_CLICK)
         .join(counted, on=F.col("match_id") == F.col("counted_click_id"), how="inner")
@@ -253,9 +256,11 @@ def resolve_conversions(conversions: DataFrame, candidates: DataFrame, resolved_
     )
     clicks_ = (
         click_candidates_.groupBy("event_id")
-        .agg(F.max_by(F.struct("match_id", "match_time", "click_impression_id"), F.struct("match_time", "match_id")).alias("m"))
+        .agg(F.max_by(F.struct("match_id", "match_time", "click_impression_id", "click_impression_time"),
+                      F.struct("match_time", "match_id")).alias("m"))
         .select(F.col("event_id").alias("click_event_id"), F.col("m.match_id").alias("touch_click_id"),
-                F.col("m.click_impression_id").alias("touch_click_impression_id"))
+                F.col("m.click_impression_id").alias("touch_click_impression_id"),
+                F.col("m.click_impression_time").alias("touch_click_impression_time"))
     )
     views = _latest(candidates, CONVERSION_VIEW, "view")
     has_click = F.col("touch_click_id").isNotNull()
@@ -268,7 +273,9 @@ def resolve_conversions(conversions: DataFrame, candidates: DataFrame, resolved_
         .withColumn("click_id", F.when(F.col("touch") == "click", F.col("touch_click_id")))
         .withColumn("touch_impression_id", F.when(F.col("touch") == "click", F.col("touch_click_impression_id"))
                     .when(F.col("touch") == "view", F.col("view_id")))
-        .drop("click_event_id", "touch_click_id", "touch_click_impression_id",
+        .withColumn("touch_impression_time", F.when(F.col("touch") == "click", F.col("touch_click_impression_time"))
+                    .when(F.col("touch") == "view", F.col("view_time")))
+        .drop("click_event_id", "touch_click_id", "touch_click_impression_id", "touch_click_impression_time",
               "view_event_id", "view_id", "view_time", "view_cost")
     )
 

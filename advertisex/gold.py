@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 
 from advertisex import attribution
 from advertisex.attribution import Windows
+from advertisex.config import parse_interval
 
 MONEY = "decimal(18,6)"
 TABLES = {
@@ -203,6 +204,58 @@ def in_hours(hours: dict[dt.date, list[int]], hour: Column | None = None) -> Col
     return condition
 
 
+def hours_of(df: DataFrame, time: str) -> dict[dt.date, list[int]]:
+    """The (UTC) hours that the timestamps in column ``time`` fall in, by date."""
+    rows = df.select(F.to_date(time).alias("date"), F.hour(time).alias("hour")).filter(F.col("date").isNotNull())
+    hours: dict[dt.date, list[int]] = {}
+    for r in rows.distinct().collect():
+        hours.setdefault(r["date"], []).append(r["hour"])
+    return {date: sorted(of_date) for date, of_date in hours.items()}
+
+
+def click_hours(hours: dict[dt.date, list[int]], conversions: DataFrame, candidates: DataFrame, windows: Windows
+                ) -> dict[dt.date, list[int]]:
+    """The hours of clicks that resolving the scope's clicks and ``conversions`` needs: the scope's
+    hours and those of the clicks the conversions may touch, each with the hours that reach
+    ``repeat_click`` back before it. A click is a repeat when the user's previous click on the same
+    impression is at most that much older, so every click in those hours has its previous click
+    (or none closer) among them, and resolves as it would over the whole lookback."""
+    touched = (
+        candidates.filter(F.col("kind") == attribution.CONVERSION_CLICK)
+        .join(F.broadcast(conversions.select(F.col("event_id").alias("scope_id"))),
+              on=F.col("event_id") == F.col("scope_id"), how="left_semi")
+    )
+    starts = {dt.datetime.combine(date, dt.time(hour))
+              for source in (hours, hours_of(touched, "match_time")) for date, of_date in source.items()
+              for hour in of_date}
+    back = parse_interval(windows.repeat_click)
+    needed: dict[dt.date, set[int]] = {}
+    for start in starts:
+        at = (start - back).replace(minute=0, second=0, microsecond=0)
+        while at <= start:
+            needed.setdefault(at.date(), set()).add(at.hour)
+            at += dt.timedelta(hours=1)
+    return {date: sorted(of_date) for date, of_date in needed.items()}
+
+
+def matched_within(hours: dict[dt.date, list[int]], after: str) -> Column:
+    """Candidates whose match_time lies in one of the hours or up to ``after`` past its end, as
+    time ranges (consecutive hours make one): Delta skips the files whose match times lie outside
+    them all."""
+    ranges: list[list[dt.datetime]] = []
+    for start in sorted(dt.datetime.combine(date, dt.time(hour)) for date, of_date in hours.items() for hour in of_date):
+        end = start + dt.timedelta(hours=1) + parse_interval(after)
+        if ranges and start <= ranges[-1][1]:
+            ranges[-1][1] = end  # a short filter even for a whole day
+        else:
+            ranges.append([start, end])
+    condition = F.lit(False)
+    for start, end in ranges:
+        condition = condition | F.col("match_time").between(
+            F.lit(start.isoformat(sep=" ")).cast("timestamp"), F.lit(end.isoformat(sep=" ")).cast("timestamp"))
+    return condition
+
+
 def scope_sql(table: str, first: dt.date, last: dt.date, hours: dict[dt.date, list[int]] | None = None) -> str:
     """The rows of ``table`` a write for the dates (or only the given hours of them) replaces."""
     if hours is None or table == DAILY_TABLE:  # a daily row is the whole date's
@@ -334,18 +387,30 @@ def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows,
         return df if hours is None else df.filter(in_hours(hours))
 
     try:
-        # Clicks and conversions are resolved over the whole lookback (an hour's click may be a
-        # repeat of the one before it; an hour's conversion may touch a click of yesterday): they
-        # are the small feeds. Impressions and bid requests are read for the scope alone.
-        clicks = keep(attribution.resolve_clicks(silver["clicks"], candidates, windows))
-        conversions = keep(attribution.resolve_conversions(silver["conversions"], candidates, clicks))
+        # An hour's click may be a repeat of the one before it, and an hour's conversion may touch a
+        # click of yesterday. A whole date resolves the clicks of its lookback; an hour those it
+        # needs (``click_hours``). Impressions and bid requests are read for the scope alone.
+        if hours is None:
+            clicks = keep(attribution.resolve_clicks(silver["clicks"], candidates, windows))
+            conversions = keep(attribution.resolve_conversions(silver["conversions"], candidates, clicks))
+        else:
+            scope_conversions = in_scope(silver["conversions"])
+            needed = click_hours(hours, scope_conversions, candidates, windows)
+            clicks = keep(attribution.resolve_clicks(
+                silver["clicks"].filter(F.col("event_date").isin(*[F.lit(d) for d in needed]) & in_hours(needed)),
+                candidates, windows))
+            conversions = keep(attribution.resolve_conversions(scope_conversions, candidates, clicks))
         scope_bids = in_scope(silver["bid_requests"].select(*BID_REQUEST_COLUMNS))
         wins = candidates.filter(F.col("kind") == attribution.WIN)
         if hours is not None:
-            # A win candidate per won auction of the lookback is most of the candidates: only those of
-            # the scope's auctions, found without shuffling the rest.
+            # A win candidate per won auction of the dates is most of the candidates: only those of
+            # the scope's auctions, found without shuffling the rest, and read only from the files
+            # whose impression times can hold them.
             auctions = scope_bids.select(F.col("auction_id").alias("scope_auction"))
-            wins = wins.join(F.broadcast(auctions), on=F.col("event_id") == F.col("scope_auction"), how="left_semi")
+            wins = (
+                wins.filter(matched_within(hours, windows.bid_request))
+                .join(F.broadcast(auctions), on=F.col("event_id") == F.col("scope_auction"), how="left_semi")
+            )
         bid_requests = keep(attribution.resolve_wins(scope_bids, wins))
         day_clicks, day_conversions = in_scope(clicks), in_scope(conversions)
         if hours is None:
@@ -353,16 +418,22 @@ def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows,
             day_impressions, touched = in_scope(impressions), impressions
         else:
             # The impressions the scope's clicks and conversions are attributed to may lie in any
-            # earlier hour: those alone, by id, rather than a cache of the whole lookback.
+            # earlier hour: those alone, by id, read from their hours only rather than the lookback.
             impressions = silver["impressions"].select(*IMPRESSION_COLUMNS)
             day_impressions = keep(in_scope(impressions))
-            ids = (
-                day_clicks.select(F.col("matched_impression_id").alias("touched_id"))
-                .unionByName(day_conversions.select(F.col("touch_impression_id").alias("touched_id")))
-                .filter(F.col("touched_id").isNotNull()).distinct()
+            refs = (
+                day_clicks.select(F.col("matched_impression_id").alias("touched_id"),
+                                  F.col("impression_time").alias("touched_time"))
+                .unionByName(day_conversions.select(F.col("touch_impression_id").alias("touched_id"),
+                                                    F.col("touch_impression_time").alias("touched_time")))
+                .filter(F.col("touched_id").isNotNull())
             )
-            touched = keep(impressions.join(F.broadcast(ids), on=F.col("impression_id") == F.col("touched_id"),
-                                            how="left_semi"))
+            touched_hours = hours_of(refs, "touched_time")
+            ids = refs.select("touched_id").distinct()
+            touched = keep(
+                impressions.filter(F.col("event_date").isin(*[F.lit(d) for d in touched_hours]) & in_hours(touched_hours))
+                .join(F.broadcast(ids), on=F.col("impression_id") == F.col("touched_id"), how="left_semi")
+            )
         tables = {
             "campaign_performance_hourly": to_campaign_hourly(day_impressions, day_clicks, day_conversions, touched),
             PARTS_TABLE: to_daily_parts(day_impressions, day_clicks, day_conversions, bid_requests),

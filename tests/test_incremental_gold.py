@@ -10,7 +10,7 @@ from decimal import Decimal
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
-from advertisex import backfill, correlation, gold, pipeline
+from advertisex import attribution, backfill, correlation, gold, pipeline
 from conftest import read_table, run_correlation, settings_for
 from test_late_data import DAY, append_silver, batch_per_commit_lake
 
@@ -121,3 +121,26 @@ def test_the_hours_an_impression_left_out_of_gold_changes(spark, tmp_path):
     hours = correlation.affected_hours(spark, settings, events, backfill.silver_versions(spark, settings))
     # i9 itself (10), k1 (11), k5 (12), v1 through k5 (13), v2 through i9 (15); not v3 (18) or k7.
     assert hours == {DAY: [10, 11, 12, 13, 15]}
+
+
+def test_an_hour_reads_only_the_hours_that_explain_it(spark):
+    """The filters that keep an hour's rebuild from reading its whole lookback: the win candidates'
+    match times (consecutive hours merge into one range, plus the bid-request window), and the
+    hours of clicks it resolves (a conversion's candidate clicks, and the hour that reaches the
+    repeat-click window back before each)."""
+    day = dt.date(2026, 11, 16)
+    times = spark.createDataFrame(
+        [(t,) for t in [at(2, 59, 59), at(3, 0), at(5, 30), at(6, 5), at(6, 5, 1), at(8, 59), at(9, 0), at(10, 5),
+                        at(10, 6)]], "match_time timestamp")
+    kept = times.filter(gold.matched_within({day: [3, 4, 5, 9]}, "5 minutes")).collect()
+    assert sorted(r["match_time"] for r in kept) == [at(3, 0), at(5, 30), at(6, 5), at(9, 0), at(10, 5)]
+
+    windows = attribution.Windows()  # repeat_click 10 seconds
+    conversions = spark.createDataFrame([("v1",), ("v2",)], "event_id string")
+    candidates = spark.createDataFrame([
+        ("conversion_click", "v1", day, "c1", "k1", at(7, 30), None),   # a click the hour's conversion may touch
+        ("conversion_click", "v9", day, "c1", "k9", at(15, 0), None),   # another conversion's: not needed
+        ("click_by_id", "k5", day, "c1", "i1", at(16, 0), None),        # a click's impression, not a touch
+    ], correlation.CANDIDATE_SCHEMA)
+    needed = gold.click_hours({day: [0, 12]}, conversions, candidates, windows)
+    assert needed == {day - dt.timedelta(days=1): [23], day: [0, 6, 7, 11, 12]}
