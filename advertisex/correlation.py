@@ -42,7 +42,6 @@ CANDIDATE_SCHEMA = (
     "kind STRING, event_id STRING, event_date DATE, campaign_id STRING, match_id STRING, "
     "match_time TIMESTAMP, match_cost DECIMAL(18,6)"
 )
-CANDIDATE_PARTITIONS = ["event_date", "kind"]
 _NEW = "new_"  # kind prefix of the rows that stand for a batch's new silver events, not candidates
 _PINNED = "pinned_"  # kind prefix of events an earlier batch read but left out of its gold
 _CLICK_KINDS = [f"{_NEW}clicks", f"{_PINNED}clicks", attribution.CLICK_BY_ID, attribution.CLICK_BY_WINDOW]
@@ -234,10 +233,8 @@ class GoldBatchWriter:
             rows, found, hours = batch.count(), 0, {}
             if rows:  # an empty batch (one that only moves the watermark) has nothing to keep
                 candidates = batch.filter(~F.col("kind").startswith(_NEW)).select(*attribution.CANDIDATE_COLUMNS)
-                # Into the table's own partitions (ensure_tables; a lake made before kind was a
-                # partition column keeps event_date alone).
                 lake.append_once(candidates, self.settings.table(CANDIDATES_TABLE), f"{self.query_id()}:candidates",
-                                 batch_id)
+                                 batch_id, ["event_date"])
                 found = candidates.count()
             phases.lap("joins")
             if rows or pinned_out:
@@ -440,9 +437,7 @@ def date_runs(dates: list[dt.date]) -> list[tuple[dt.date, dt.date]]:
 def ensure_tables(spark: SparkSession, settings: Settings) -> None:
     path = settings.table(CANDIDATES_TABLE)
     if not DeltaTable.isDeltaTable(spark, path):
-        # By kind too: a rebuild reads the click and conversion candidates of its lookback days,
-        # and the win candidates (most rows) of its scope alone, so each read skips the other's files.
-        lake.ensure_table(spark, spark.createDataFrame([], CANDIDATE_SCHEMA), path, CANDIDATE_PARTITIONS)
+        lake.ensure_table(spark, spark.createDataFrame([], CANDIDATE_SCHEMA), path, ["event_date"])
 
 
 def start(spark: SparkSession, settings: Settings, available_now: bool, checkpoint: str | None = None,
