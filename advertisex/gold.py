@@ -196,12 +196,13 @@ def daily_from_parts(parts: DataFrame) -> DataFrame:
 
 
 def in_hours(hours: dict[dt.date, list[int]], hour: Column | None = None) -> Column:
-    """Rows of the given hours of the given dates (``hour``: the row's hour, default event_hour)."""
+    """Rows of the given hours of the given dates (``hour``: the row's hour, default event_hour).
+    The dates also stand alone in the condition, where Delta prunes partitions by them."""
     hour = F.col("event_hour") if hour is None else hour
     condition = F.lit(False)
     for date, of_date in sorted(hours.items()):
         condition = condition | ((F.col("event_date") == F.lit(date)) & hour.isin(*of_date))
-    return condition
+    return F.col("event_date").isin(*[F.lit(d) for d in sorted(hours)]) & condition
 
 
 def hours_of(df: DataFrame, time: str) -> dict[dt.date, list[int]]:
@@ -397,7 +398,7 @@ def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows,
             scope_conversions = in_scope(silver["conversions"])
             needed = click_hours(hours, scope_conversions, candidates, windows)
             clicks = keep(attribution.resolve_clicks(
-                silver["clicks"].filter(F.col("event_date").isin(*[F.lit(d) for d in needed]) & in_hours(needed)),
+                silver["clicks"].filter(in_hours(needed)),
                 candidates, windows))
             conversions = keep(attribution.resolve_conversions(scope_conversions, candidates, clicks))
         scope_bids = in_scope(silver["bid_requests"].select(*BID_REQUEST_COLUMNS))
@@ -431,7 +432,7 @@ def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows,
             touched_hours = hours_of(refs, "touched_time")
             ids = refs.select("touched_id").distinct()
             touched = keep(
-                impressions.filter(F.col("event_date").isin(*[F.lit(d) for d in touched_hours]) & in_hours(touched_hours))
+                impressions.filter(in_hours(touched_hours))
                 .join(F.broadcast(ids), on=F.col("impression_id") == F.col("touched_id"), how="left_semi")
             )
         tables = {
