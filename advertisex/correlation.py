@@ -346,15 +346,7 @@ def affected_hours(spark: SparkSession, settings: Settings, events: DataFrame, v
             .unionByName(followers.select("event_time"))
             .unionByName(conversions.select("event_time"))
         )
-    rows = (
-        times.select(F.to_date("event_time").alias("date"), F.hour("event_time").alias("hour"))
-        .filter(F.col("date").isin(*[F.lit(d) for d in dates]))
-        .distinct().collect()
-    )
-    hours: dict[dt.date, list[int]] = {}
-    for r in rows:
-        hours.setdefault(r["date"], []).append(r["hour"])
-    return {date: sorted(of_date) for date, of_date in hours.items()}
+    return gold.hours_of(times.filter(F.to_date("event_time").isin(*[F.lit(d) for d in dates])), "event_time")
 
 
 _DAY_FIGURES = ("impressions", "clicks", "attributed_clicks", "conversions")

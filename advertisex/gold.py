@@ -397,9 +397,7 @@ def built(silver: dict[str, DataFrame], candidates: DataFrame, windows: Windows,
         else:
             scope_conversions = in_scope(silver["conversions"])
             needed = click_hours(hours, scope_conversions, candidates, windows)
-            clicks = keep(attribution.resolve_clicks(
-                silver["clicks"].filter(in_hours(needed)),
-                candidates, windows))
+            clicks = keep(attribution.resolve_clicks(silver["clicks"].filter(in_hours(needed)), candidates, windows))
             conversions = keep(attribution.resolve_conversions(scope_conversions, candidates, clicks))
         scope_bids = in_scope(silver["bid_requests"].select(*BID_REQUEST_COLUMNS))
         wins = candidates.filter(F.col("kind") == attribution.WIN)
