@@ -87,6 +87,9 @@ def _check(conf: dict) -> None:
     for key, value in intervals.items():
         if not _INTERVAL.match(str(value)):
             raise ConfigError(f"conf key '{key}' must look like '10 seconds', got {value!r}")
+    auto_compact = conf["maintenance"]["auto_compact"]
+    if not isinstance(auto_compact, bool):
+        raise ConfigError(f"conf key 'maintenance.auto_compact' must be true or false, got {auto_compact!r}")
     port = conf["monitoring"]["prometheus_port"]
     if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
         raise ConfigError(f"conf key 'monitoring.prometheus_port' must be a port number or null, got {port!r}")

@@ -32,6 +32,7 @@ from pyspark.sql.streaming import StreamingQuery
 from advertisex import attribution, backfill, gold, lake, monitoring
 from advertisex.attribution import Windows
 from advertisex.config import Settings
+from advertisex.session import quiet_when_stopped
 from advertisex.silver import SILVER_KEYS
 
 log = logging.getLogger("advertisex")
@@ -440,7 +441,7 @@ def start(spark: SparkSession, settings: Settings, available_now: bool, checkpoi
         correlation_stream(spark, settings).writeStream
         .queryName(QUERY_NAME)
         .option("checkpointLocation", checkpoint)
-        .foreachBatch(GoldBatchWriter(spark, settings, checkpoint, monitor))
+        .foreachBatch(quiet_when_stopped(GoldBatchWriter(spark, settings, checkpoint, monitor)))
     )
     if available_now:
         writer = writer.trigger(availableNow=True)

@@ -1,4 +1,4 @@
-"""Table maintenance that runs while the streams write: OPTIMIZE (compaction) and VACUUM.
+"""Table maintenance that runs while the streams write: auto compaction, OPTIMIZE and VACUUM.
 
 OPTIMIZE commits with ``dataChange = false``, so streams reading the table skip it, and a
 stream's silver append that read files OPTIMIZE replaced retries (``pipeline``).
@@ -12,8 +12,37 @@ from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
 
 from advertisex import lake
+from advertisex.config import Settings
 
 log = logging.getLogger("advertisex")
+AUTO_COMPACT = "delta.autoOptimize.autoCompact"
+# The tables a micro-batch reads back: the silver appends look their ids up in the whole table,
+# the gold rebuild reads silver and the candidates by the hour, the detectors read ops/metrics.
+# Each micro-batch adds files to each of them, so without compaction every such read opens more
+# files as the day goes on. Bronze and quarantine are written, not read, by the streams.
+STREAM_READ_TABLES = ("silver/impressions", "silver/clicks", "silver/conversions", "silver/bid_requests",
+                      "gold/_candidates", "ops/metrics")
+
+
+def set_auto_compaction(spark: SparkSession, settings: Settings) -> None:
+    """Turn Delta's auto compaction on or off (``maintenance.auto_compact``) for the tables the
+    streams read back, with a metadata commit only where the table's setting differs.
+
+    With it on, a commit that leaves at least ``spark.databricks.delta.autoCompact.minNumFiles``
+    (Delta's default: 50) small files in a partition it wrote to compacts that partition right
+    after, in the writer's thread. The rewrite commits with ``dataChange = false``: streams
+    reading the table skip it, and a failed compaction is logged and leaves the commit standing.
+    """
+    wanted = "true" if settings.conf["maintenance"]["auto_compact"] else "false"
+    for table in STREAM_READ_TABLES:
+        path = settings.table(table)
+        if not DeltaTable.isDeltaTable(spark, path):
+            continue
+        properties = DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {}
+        if properties.get(AUTO_COMPACT, "false") != wanted:
+            quoted = path.replace("`", "``")
+            spark.sql(f"ALTER TABLE delta.`{quoted}` SET TBLPROPERTIES ('{AUTO_COMPACT}' = '{wanted}')")
+            log.info("%s: auto compaction %s", table, "on" if wanted == "true" else "off")
 
 
 def optimize(spark: SparkSession, path: str, where: str | None = None, retries: int = 5) -> dict:

@@ -26,8 +26,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 from pyspark.util import inheritable_thread_target
 
-from advertisex import alerting, bronze, correlation, lake, monitoring, parsing, silver, sources
+from advertisex import alerting, bronze, correlation, lake, maintenance, monitoring, parsing, silver, sources
 from advertisex.config import Settings, pseudonymization_key
+from advertisex.session import quiet_when_stopped
 from advertisex.silver import Privacy
 from advertisex.validation import filter_valid, to_quarantine, with_rule_violations
 
@@ -329,6 +330,15 @@ def ensure_silver_tables(spark: SparkSession, settings: Settings, privacy: Priva
             lake.ensure_table(spark, rows, settings.table(f"silver/{name}"), silver.PARTITIONS[name])
 
 
+def prepare_tables(spark: SparkSession, settings: Settings) -> None:
+    """The tables several queries write to or read back, created before the queries start (or
+    their first commits race), with their compaction setting (``maintenance``)."""
+    ensure_silver_tables(spark, settings, privacy_from(settings))
+    lake.ensure_columns(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
+    correlation.ensure_tables(spark, settings)
+    maintenance.set_auto_compaction(spark, settings)
+
+
 def trigger_interval(settings: Settings, feed: str | None = None) -> str:
     """The micro-batch interval of a feed's query (its own, if the conf gives one) or of the others."""
     streaming = settings.conf["streaming"]
@@ -337,7 +347,8 @@ def trigger_interval(settings: Settings, feed: str | None = None) -> str:
 
 def _start(df: DataFrame, name: str, handler, checkpoint: str, settings: Settings, available_now: bool,
            feed: str | None = None) -> StreamingQuery:
-    writer = df.writeStream.queryName(name).option("checkpointLocation", checkpoint).foreachBatch(handler)
+    writer = (df.writeStream.queryName(name).option("checkpointLocation", checkpoint)
+              .foreachBatch(quiet_when_stopped(handler)))
     if available_now:
         writer = writer.trigger(availableNow=True)
     else:
@@ -399,8 +410,6 @@ def start_ingestion_queries(spark: SparkSession, settings: Settings, available_n
     """
     privacy = privacy_from(settings)
     checkpoints = settings.checkpoints.rstrip("/")
-    # Tables several queries write to must exist before they start, or the first commits race.
-    lake.ensure_columns(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
 
     def dim_query(once: bool) -> StreamingQuery:
         return _start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
@@ -473,7 +482,7 @@ def run(spark: SparkSession, settings: Settings, available_now: bool, timings: d
     and rows the correlation's watermark dropped.
     """
     started = time.monotonic()
-    ensure_silver_tables(spark, settings, privacy_from(settings))
+    prepare_tables(spark, settings)
     registry = CollectorRegistry()
     monitor = alerting.Monitor(spark, settings, monitoring.PipelineMetrics(registry), continuous=not available_now)
     listener = monitoring.QueryListener(registry, on_progress=monitor.progress,

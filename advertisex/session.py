@@ -9,6 +9,11 @@ from pyspark.sql import SparkSession
 
 from advertisex.config import Settings
 
+# The exceptions by whose class name in a failed foreachBatch's error text Spark recognises that
+# the query's stop interrupted the batch (``StreamExecution.IO_EXCEPTION_NAMES``).
+_INTERRUPTIONS = ("java.lang.InterruptedException", "java.io.InterruptedIOException",
+                  "java.nio.channels.ClosedByInterruptException")
+
 STATE_STORE_PROVIDERS = {
     "hdfs": "org.apache.spark.sql.execution.streaming.state.HDFSBackedStateStoreProvider",
     "rocksdb": "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider",
@@ -60,6 +65,12 @@ def build_session(settings: Settings, app_name: str | None = None) -> SparkSessi
         # a micro-batch found few of its own still compiled and compiled them again (20k
         # impressions in 48 small batches: 4,999 compilations taking 31 s, against 385 taking 4.5 s).
         "spark.sql.codegen.cache.maxEntries": "2000",
+        # Auto compaction (``maintenance``) rewrites every file under this size in a partition it
+        # compacts. At 5,000 events/s, 50 new files of a silver impressions partition hold about
+        # 12 MB (docs/BENCHMARKS.md). With Delta's default, 64 MB, the partition's file would be
+        # rewritten 6 times before it outgrew the limit (3.5 bytes written per byte); at 16 MB
+        # twice (1.5). A day then leaves about 90 files per partition instead of about 9,000.
+        "spark.databricks.delta.autoCompact.minFileSize": str(16 * 1024 * 1024),
         "spark.ui.showConsoleProgress": "false",
     }
     log4j = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "log4j2.properties")
@@ -80,3 +91,31 @@ def build_session(settings: Settings, app_name: str | None = None) -> SparkSessi
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(spark_conf["log_level"])
     return spark
+
+
+class StoppedInBatch(Exception):
+    """A micro-batch handler interrupted by its query's stop."""
+
+
+def quiet_when_stopped(handler):
+    """``handler`` (a foreachBatch function) such that a stop that interrupts it ends the query
+    as a stop, not with a StackOverflowError.
+
+    Stopping a query interrupts the Spark job its handler is running, and the Py4J error that
+    reaches Spark holds the whole Java stack trace: tens of kilobytes. Spark tells a stop from a
+    failure by matching that text with a regular expression that recurses once per character
+    (``StreamExecution.PROXY_ERROR``); on so long a text the stream thread's stack overflows, and
+    the thread dies printing the error. The interruption is raised again here as one short line
+    that the expression recognises.
+    """
+    def run(batch_df, batch_id: int) -> None:
+        try:
+            handler(batch_df, batch_id)
+        except Exception as exc:
+            interruption = next((name for name in _INTERRUPTIONS if name in str(exc)), None)
+            if interruption is None:
+                raise
+            raise StoppedInBatch("py4j.protocol.Py4JJavaError: An error occurred while calling "
+                                 f"the handler of batch {batch_id}: {interruption}") from None
+
+    return run

@@ -26,11 +26,12 @@ import subprocess
 import threading
 import time
 
+from delta.tables import DeltaTable
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from advertisex import backfill, correlation, pipeline
+from advertisex import backfill, correlation, maintenance, pipeline
 from advertisex.config import FEEDS, Settings
 from advertisex.generator import Generator, GeneratorOptions, KafkaPublisher
 from advertisex.gold import SILVER_TABLES
@@ -178,18 +179,38 @@ def _produced_at_files(spark: SparkSession, dropper: _FileDropper) -> DataFrame:
 
 def silver_commits(spark: SparkSession, settings: Settings, table: str) -> DataFrame:
     """(ingest_batch, silver_at): when each micro-batch's append to ``silver/<table>`` committed:
-    the timestamp, in the Delta log, of the commit that added the data files holding its rows.
-    (A file OPTIMIZE rewrote is added without ``dataChange``: its rows would have no time. The
-    benchmark runs no OPTIMIZE.)"""
+    the timestamp, in the Delta log, of the commit whose ``userMetadata`` marks the batch
+    (``lake.batch_mark``: "advx-batch <batch> <query id>:silver/<table>", the rows' tag being
+    "<query id>:<batch>"). By the commit, not by data file: auto compaction rewrites the files."""
     path = settings.table(f"silver/{table}")
-    actions = spark.read.schema("commitInfo STRUCT<timestamp: BIGINT>, add STRUCT<path: STRING, dataChange: BOOLEAN>") \
-        .json(sorted(glob.glob(os.path.join(path, "_delta_log", "*.json")))).withColumn("commit", F.input_file_name())
-    stamps = actions.groupBy("commit").agg(F.timestamp_millis(F.max("commitInfo.timestamp")).alias("silver_at"))
-    added = (actions.filter(F.col("add.dataChange")).join(stamps, "commit")
-             .select(F.substring_index("add.path", "/", -1).alias("data_file"), "silver_at"))
-    rows = spark.read.format("delta").load(path).select(
-        "ingest_batch", F.substring_index("_metadata.file_path", "/", -1).alias("data_file")).distinct()
-    return rows.join(added, "data_file").groupBy("ingest_batch").agg(F.min("silver_at").alias("silver_at"))
+    commits = (spark.read.schema("commitInfo STRUCT<timestamp: BIGINT, userMetadata: STRING>")
+               .json(sorted(glob.glob(os.path.join(path, "_delta_log", "*.json"))))
+               .filter(F.col("commitInfo.userMetadata").startswith("advx-batch ")))
+    mark = F.split("commitInfo.userMetadata", " ", 3)
+    return commits.select(
+        F.concat(F.substring_index(mark[2], ":silver/", 1), F.lit(":"), mark[1]).alias("ingest_batch"),
+        F.timestamp_millis("commitInfo.timestamp").alias("silver_at"),
+    ).groupBy("ingest_batch").agg(F.min("silver_at").alias("silver_at"))
+
+
+def layout(spark: SparkSession, settings: Settings) -> dict[str, int]:
+    """Data files of each table the streams read back, at the end of a run."""
+    return {table: DeltaTable.forPath(spark, settings.table(table)).detail().first()["numFiles"]
+            for table in maintenance.STREAM_READ_TABLES}
+
+
+def batch_seconds_by_minute(spark: SparkSession, settings: Settings) -> dict[str, dict[int, float]]:
+    """Median seconds of each query's micro-batches by the minute of the run they started in:
+    whether batches grow as the tables do."""
+    metrics = spark.read.format("delta").load(settings.table("ops/metrics"))
+    first = metrics.agg(F.min(F.unix_micros("batch_started_at"))).first()[0]
+    rows = metrics.groupBy(
+        "feed", F.floor((F.unix_micros("batch_started_at") - F.lit(first)) / 60e6).cast("int").alias("minute"),
+    ).agg(F.percentile_approx(F.col("duration_ms") / 1000, 0.5).alias("seconds")).collect()
+    by_feed: dict[str, dict[int, float]] = {}
+    for r in sorted(rows, key=lambda r: (r["feed"], r["minute"])):
+        by_feed.setdefault(r["feed"], {})[r["minute"]] = r["seconds"]
+    return by_feed
 
 
 def latencies(spark: SparkSession, settings: Settings, produced: DataFrame, by_file: bool) -> dict:
@@ -326,7 +347,8 @@ def fixed_rate(spark: SparkSession, base: Settings, work: str, source: str, rate
         raise failure[0]
     frame = _produced_at_kafka(spark, settings) if source == "kafka" else _produced_at_files(spark, dropper)
     result = latencies(spark, settings, frame, by_file=source == "files")
-    result.update(source=source, produced=produced(), seconds=fed_for, backlog=backlog)
+    result.update(source=source, produced=produced(), seconds=fed_for, backlog=backlog,
+                  files=layout(spark, settings), batch_seconds=batch_seconds_by_minute(spark, settings))
     return result
 
 
@@ -360,6 +382,10 @@ def report(capacity_rows: list, rate_results: list, rate: float, event_time: str
             f"{minute}: {fmt(values['silver'][1:2])} / {fmt(values['gold'][1:2])}"
             for minute, values in sorted(r.get("by_minute", {}).items())))
         lines.append("       backlog every 5 s: " + ", ".join(f"{t}s:{b:,}" for t, b in r["backlog"]))
+        lines.append("       data files at the end: " + " | ".join(f"{t} {n:,}" for t, n in r.get("files", {}).items()))
+        for feed, minutes in sorted(r.get("batch_seconds", {}).items()):
+            lines.append(f"       median {feed} batch seconds by minute: " + ", ".join(
+                f"{m}: {v:.1f}" for m, v in minutes.items()))
     return "\n".join(lines)
 
 
