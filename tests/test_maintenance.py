@@ -36,8 +36,13 @@ def few_files_are_many(spark):
     spark.conf.unset("spark.databricks.delta.autoCompact.minNumFiles")
 
 
+def settings_with(tmp_path, auto_compact: bool):
+    return load_conf(f"{ROOT}/conf/test.yaml", {"landing": str(tmp_path / "landing"), "lake": str(tmp_path / "lake"),
+                                                "maintenance": {"auto_compact": auto_compact}})
+
+
 def test_small_appends_are_compacted_after_the_commit_that_gathers_enough(spark, tmp_path, few_files_are_many):
-    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    settings = settings_with(tmp_path, True)
     pipeline.prepare_tables(spark, settings)
     assert {t: property_of(spark, settings.table(t)) for t in maintenance.STREAM_READ_TABLES} == {
         t: "true" for t in maintenance.STREAM_READ_TABLES}
@@ -60,10 +65,8 @@ def test_small_appends_are_compacted_after_the_commit_that_gathers_enough(spark,
 
 
 def test_the_conf_turns_it_off_again(spark, tmp_path, few_files_are_many):
-    lake_dir = str(tmp_path / "lake")
-    pipeline.prepare_tables(spark, settings_for(str(tmp_path / "landing"), lake_dir))
-    off = load_conf(f"{ROOT}/conf/test.yaml", {"landing": str(tmp_path / "landing"), "lake": lake_dir,
-                                               "maintenance": {"auto_compact": False}})
+    pipeline.prepare_tables(spark, settings_with(tmp_path, True))
+    off = settings_with(tmp_path, False)
     maintenance.set_auto_compaction(spark, off)
     assert {t: property_of(spark, off.table(t)) for t in maintenance.STREAM_READ_TABLES} == {
         t: "false" for t in maintenance.STREAM_READ_TABLES}
@@ -71,3 +74,10 @@ def test_the_conf_turns_it_off_again(spark, tmp_path, few_files_are_many):
     for n in range(MIN_FILES + 1):
         lake.append_once(candidate(spark, n), path, "test", n, ["event_date"])
     assert files_of(spark, path) == MIN_FILES + 1
+
+
+def test_off_by_default_sets_nothing(spark, tmp_path):
+    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    pipeline.prepare_tables(spark, settings)
+    assert {t: property_of(spark, settings.table(t)) for t in maintenance.STREAM_READ_TABLES} == {
+        t: None for t in maintenance.STREAM_READ_TABLES}
