@@ -63,7 +63,8 @@ def batch_mark(app_id: str, version: int) -> str:
     return f"{_MARK} {version} {app_id}"
 
 
-def _parse_mark(text: str | None) -> tuple[str, int] | None:
+def parse_mark(text: str | None) -> tuple[str, int] | None:
+    """(app id, version) of a commit's ``userMetadata`` written by ``append_once``; else None."""
     parts = (text or "").split(" ", 2)
     if len(parts) != 3 or parts[0] != _MARK or not parts[1].isdigit():
         return None
@@ -85,7 +86,7 @@ def last_appended(spark: SparkSession, path: str, app_id: str) -> int | None:
     while True:
         commits = table.history(limit).select("version", "userMetadata").collect()
         for commit in sorted(commits, key=lambda c: c["version"], reverse=True):
-            mark = _parse_mark(commit["userMetadata"])
+            mark = parse_mark(commit["userMetadata"])
             if mark is not None and mark[0] == app_id:
                 return mark[1]
         if len(commits) < limit:

@@ -31,7 +31,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from advertisex import backfill, correlation, maintenance, pipeline
+from advertisex import backfill, correlation, lake, maintenance, pipeline
 from advertisex.config import FEEDS, Settings
 from advertisex.generator import Generator, GeneratorOptions, KafkaPublisher
 from advertisex.gold import SILVER_TABLES
@@ -180,17 +180,20 @@ def _produced_at_files(spark: SparkSession, dropper: _FileDropper) -> DataFrame:
 def silver_commits(spark: SparkSession, settings: Settings, table: str) -> DataFrame:
     """(ingest_batch, silver_at): when each micro-batch's append to ``silver/<table>`` committed:
     the timestamp, in the Delta log, of the commit whose ``userMetadata`` marks the batch
-    (``lake.batch_mark``: "advx-batch <batch> <query id>:silver/<table>", the rows' tag being
+    (``lake.parse_mark``: app id "<query id>:silver/<table>", the rows' tag being
     "<query id>:<batch>"). By the commit, not by data file: auto compaction rewrites the files."""
     path = settings.table(f"silver/{table}")
     commits = (spark.read.schema("commitInfo STRUCT<timestamp: BIGINT, userMetadata: STRING>")
                .json(sorted(glob.glob(os.path.join(path, "_delta_log", "*.json"))))
-               .filter(F.col("commitInfo.userMetadata").startswith("advx-batch ")))
-    mark = F.split("commitInfo.userMetadata", " ", 3)
-    return commits.select(
-        F.concat(F.substring_index(mark[2], ":silver/", 1), F.lit(":"), mark[1]).alias("ingest_batch"),
-        F.timestamp_millis("commitInfo.timestamp").alias("silver_at"),
-    ).groupBy("ingest_batch").agg(F.min("silver_at").alias("silver_at"))
+               .select("commitInfo.timestamp", "commitInfo.userMetadata").collect())  # a row per micro-batch
+    stamps: dict[str, dt.datetime] = {}
+    for commit in commits:
+        mark = lake.parse_mark(commit["userMetadata"])
+        if mark is not None:
+            tag = f"{mark[0].rsplit(':silver/', 1)[0]}:{mark[1]}"
+            at = dt.datetime.fromtimestamp(commit["timestamp"] / 1000, dt.timezone.utc)
+            stamps[tag] = min(stamps.get(tag, at), at)
+    return spark.createDataFrame(list(stamps.items()), "ingest_batch STRING, silver_at TIMESTAMP")
 
 
 def layout(spark: SparkSession, settings: Settings) -> dict[str, int]:
