@@ -87,6 +87,9 @@ def _check(conf: dict) -> None:
     for key, value in intervals.items():
         if not _INTERVAL.match(str(value)):
             raise ConfigError(f"conf key '{key}' must look like '10 seconds', got {value!r}")
+    if conf["silver"]["dedup_scope"] not in ("table", "batch_event_times"):
+        raise ConfigError(f"conf key 'silver.dedup_scope' must be 'table' or 'batch_event_times', "
+                          f"got {conf['silver']['dedup_scope']!r}")
     auto_compact = conf["maintenance"]["auto_compact"]
     if not isinstance(auto_compact, bool):
         raise ConfigError(f"conf key 'maintenance.auto_compact' must be true or false, got {auto_compact!r}")

@@ -9,6 +9,7 @@ the table's whole state (three Spark jobs) on every append, which cost 0.4 s of 
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import random
 import time
@@ -24,7 +25,7 @@ from delta.exceptions import (
     MetadataChangedException,
 )
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 CONFLICTS = (
@@ -154,7 +155,7 @@ def delta_transaction(spark: SparkSession, app_id: str, version: int):
         spark.conf.unset(_TXN_VERSION)
 
 
-def new_rows(df: DataFrame, path: str, key: str, candidates: DataFrame) -> DataFrame:
+def new_rows(df: DataFrame, path: str, key: str, candidates: DataFrame, within: Column | None = None) -> DataFrame:
     """The rows of ``df`` whose ``key`` the table at ``path`` does not hold yet. ``candidates``: a
     one-column frame holding at least ``df``'s keys, cheaper to compute than ``df`` itself.
 
@@ -163,14 +164,29 @@ def new_rows(df: DataFrame, path: str, key: str, candidates: DataFrame) -> DataF
     shuffles the table, whose size grows with every batch. A broadcast id costs about 50 bytes
     of the driver's memory: a micro-batch is capped (``max_offsets_per_trigger``,
     ``max_files_per_trigger``) well below what that makes a concern.
+
+    ``within``: a condition on the table's rows; only those are looked in (``event_times``).
     """
     spark = df.sparkSession
     candidates = F.broadcast(candidates.toDF("_candidate").filter(F.col("_candidate").isNotNull()))
+    table = spark.read.format("delta").load(path)
+    if within is not None:
+        table = table.filter(within)
     present = (
-        spark.read.format("delta").load(path).select(F.col(key).alias("_present"))
+        table.select(F.col(key).alias("_present"))
         .join(candidates, on=F.col("_present") == F.col("_candidate"), how="left_semi")
     )
     return df.join(F.broadcast(present), on=F.col(key) == F.col("_present"), how="left_anti")
+
+
+def event_times(first: dt.datetime | None, last: dt.datetime | None) -> Column:
+    """Rows whose ``event_time`` lies from ``first`` to ``last`` (both included; none when either
+    is None). The dates also stand alone in the condition, where Delta prunes ``event_date``
+    partitions by them; within a date it skips the files whose event times lie outside."""
+    if first is None or last is None:
+        return F.lit(False)
+    low, high = F.lit(first).cast("timestamp"), F.lit(last).cast("timestamp")
+    return F.col("event_date").between(F.to_date(low), F.to_date(high)) & F.col("event_time").between(low, high)
 
 
 def with_conflict_retries(write, retries: int = 5, on_retry=None):

@@ -16,7 +16,7 @@ from advertisex.config import Settings
 
 log = logging.getLogger("advertisex")
 AUTO_COMPACT = "delta.autoOptimize.autoCompact"
-# The tables a micro-batch reads back: the silver appends look their ids up in the whole table,
+# The tables a micro-batch reads back: the silver appends look their ids up in the table,
 # the gold rebuild reads silver and the candidates by the hour, the detectors read ops/metrics.
 # Each micro-batch adds files to each of them, so without compaction every such read opens more
 # files as the day goes on. Bronze and quarantine are written, not read, by the streams.

@@ -220,7 +220,9 @@ class FeedBatchWriter:
         fails in one of them is replayed whole."""
         feed, table = self.spec.feed, self.settings.table
         valid = filter_valid(staged)
-        writes = {f"silver/{name}": functools.partial(self._insert_new_rows, name, build, valid, qid, batch_id)
+        scoped = self.settings.conf["silver"]["dedup_scope"] == "batch_event_times"
+        within = lake.event_times(*account.valid_times) if scoped else None
+        writes = {f"silver/{name}": functools.partial(self._insert_new_rows, name, build, valid, qid, batch_id, within)
                   for name, build in self.spec.silver_tables.items()}
         writes["bronze"] = lambda: lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze",
                                                     batch_id, bronze.BRONZE_PARTITIONS)
@@ -243,10 +245,11 @@ class FeedBatchWriter:
             account.ivt_rows += ivt
         phases.lap("writes", {step: seconds for step, (_, seconds) in done.items()})
 
-    def _insert_new_rows(self, name: str, build: SilverBuilder, valid: DataFrame, qid: str, batch_id: int
-                         ) -> tuple[dict[str, int], int]:
-        """Append the batch's rows whose id silver does not hold yet (``lake.new_rows``); return
-        them by campaign, and how many of them are IVT.
+    def _insert_new_rows(self, name: str, build: SilverBuilder, valid: DataFrame, qid: str, batch_id: int,
+                         within: Column | None) -> tuple[dict[str, int], int]:
+        """Append the batch's rows whose id silver does not hold yet (``lake.new_rows``, looking
+        only in the rows ``within`` selects when it is given); return them by campaign, and how
+        many of them are IVT.
 
         The rows are built (deduplication in the batch, user agents, pseudonyms) in the pass that
         appends them, which also counts them (``observe``). Only this query writes the table: no
@@ -262,7 +265,7 @@ class FeedBatchWriter:
 
         def append() -> tuple[dict[str, int], int]:
             observation = Observation(f"advx_silver_{name}_{batch_id}_{uuid.uuid4().hex[:8]}")
-            counted = lake.new_rows(rows, path, key, candidates=valid.select(key)).observe(
+            counted = lake.new_rows(rows, path, key, candidates=valid.select(key), within=within).observe(
                 observation, F.collect_list(_campaign_of(rows)).alias("campaigns"), F.count_if("is_ivt").alias("ivt"))
             if lake.append_once(counted, path, f"{qid}:silver/{name}", batch_id, silver.PARTITIONS[name]):
                 figures = observation.get

@@ -4,6 +4,7 @@
     .venv/bin/python jobs/benchmark.py --realtime --impressions 100000 --rate 5000 [--duration 120]
         [--sources kafka,files] [--ingestion-only]
     .venv/bin/python jobs/benchmark.py --gold-scope --work DIR   # on the lake a run above left in DIR
+    .venv/bin/python jobs/benchmark.py --dedup-lookup 1000000,10000000,40000000 [--days 7] [--work DIR]
 
 All runs use the same drops. The ceiling reads every file of the three feeds with spark.read and
 an explicit schema and appends them to Delta with no logic. The pipeline runs jobs/pipeline.py
@@ -13,7 +14,8 @@ backfill recomputes every date. ``--ingestion-only`` stops after files -> silver
 comparison alone), timed in the session's first run and again in a second one. Figures are
 events per second over all three feeds (the backfill: silver events). ``--gold-scope`` times what
 one streaming gold batch costs when it rebuilds a whole date, two hours of it, or one hour, on an
-existing lake.
+existing lake. ``--dedup-lookup`` times silver's id lookup (``lake.new_rows``) of one micro-batch
+against tables of the given sizes, with each ``silver.dedup_scope``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ import shutil
 import sys
 import time
 
-from advertisex import backfill, correlation, pipeline
+from pyspark.sql import functions as F
+
+from advertisex import backfill, correlation, lake, pipeline
 from advertisex.cli import run_job
 from advertisex.config import ConfigError, load_conf
 from advertisex.generator import GeneratorOptions, generate
@@ -85,6 +89,43 @@ def gold_scope(spark, settings, repeats: int) -> None:
         print(f"{name:<20} {runs[0]:>7.1f} {rest[len(rest) // 2]:>19.1f} {f'{rest[0]:.1f}-{rest[-1]:.1f}':>18}")
 
 
+def dedup_lookup(spark, work: str, sizes: list[int], days: int, repeats: int = 3) -> None:
+    """Silver's id lookup of one micro-batch (the table's newest 10,000 rows again, and 10,000 new
+    ids at the same times) against a table of each size: ``days`` days of
+    impression ids, partitioned by date, in 500 files that each cover a slice of event time as a
+    stream's micro-batches do. Both scopes: the whole table, and the batch's event times."""
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc).timestamp()
+    results = []
+    for size in sizes:
+        path = os.path.join(work, f"ids-{size}")
+        seconds_per_row = days * 86400 / size
+        if not os.path.isdir(os.path.join(path, "_delta_log")):
+            (spark.range(size, numPartitions=500)
+             .select(F.expr("uuid()").alias("impression_id"),
+                     F.timestamp_seconds(F.lit(start) + F.col("id") * seconds_per_row).alias("event_time"))
+             .withColumn("event_date", F.to_date("event_time"))
+             .write.format("delta").partitionBy("event_date").save(path))
+        recent = spark.read.format("delta").load(path).orderBy(F.col("event_time").desc()).limit(10_000).cache()
+        batch = recent.unionByName(recent.select(F.expr("uuid()").alias("impression_id"), "event_time", "event_date")).cache()
+        first, last = batch.agg(F.min("event_time"), F.max("event_time")).first()
+        scopes = {"table": None, "batch_event_times": lake.event_times(first, last)}
+        for scope, within in scopes.items():
+            runs = []
+            for _ in range(repeats):
+                started = time.monotonic()
+                new = lake.new_rows(batch, path, "impression_id", batch.select("impression_id"), within=within).count()
+                runs.append(time.monotonic() - started)
+            assert new == 10_000, f"{scope}: {new:,} new rows, not 10,000"
+            results.append((size, scope, runs))
+        batch.unpersist()
+        recent.unpersist()
+    print(f"\nsilver id lookup of a 20,000-row micro-batch (half of it present); {days} days of ids in 500 files; "
+          f"{os.cpu_count()} cores")
+    print(f"{'table rows':>12} {'dedup_scope':<18} {'runs (s)':<24} {'median':>7}")
+    for size, scope, runs in results:
+        print(f"{size:>12,} {scope:<18} {', '.join(f'{r:.2f}' for r in runs):<24} {sorted(runs)[len(runs) // 2]:>7.2f}")
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.splitlines()[0])
     parser.add_argument("--impressions", type=int, default=1_000_000)
@@ -108,8 +149,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--bootstrap-servers", help="use these brokers instead of starting scripts/kafka.sh")
     parser.add_argument("--gold-scope", action="store_true",
                         help="on the lake an earlier run left in --work: a gold batch's rebuild of a date, 2 hours, 1 hour")
+    parser.add_argument("--dedup-lookup", metavar="ROWS,...",
+                        help="time silver's id lookup against tables of these sizes, with each silver.dedup_scope")
+    parser.add_argument("--days", type=int, default=7, help="--dedup-lookup: days of event time the table holds")
     args = parser.parse_args(argv)
     os.environ.setdefault("ADVX_PSEUDONYMIZATION_KEY", "benchmark-key")
+    if args.dedup_lookup:
+        try:
+            sizes = [int(n) for n in args.dedup_lookup.split(",")]
+        except ValueError:
+            raise ConfigError(f"--dedup-lookup must be row counts separated by commas, got {args.dedup_lookup!r}") from None
+        if not sizes or min(sizes) < 100_000 or args.days < 1:
+            raise ConfigError("--dedup-lookup needs tables of at least 100,000 rows and --days at least 1")
+        settings = load_conf(args.conf)
+        dedup_lookup(build_session(settings, "advertisex-benchmark-dedup"), os.path.join(args.work, "dedup"), sizes, args.days)
+        return
     if args.gold_scope:
         lake = os.path.join(args.work, "lake")
         if not os.path.isdir(os.path.join(lake, "gold", "_candidates")):

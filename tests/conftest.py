@@ -145,11 +145,13 @@ def kafka_broker(tmp_path_factory):
         broker.stop()
 
 
-def kafka_conf_file(path, broker: KafkaBroker, prefix: str, landing: str, lake: str, **kafka) -> str:
-    """A conf YAML (conf/test.yaml plus Kafka) for jobs run in this process or as subprocesses."""
+def kafka_conf_file(path, broker: KafkaBroker, prefix: str, landing: str, lake: str, sections: dict | None = None,
+                    **kafka) -> str:
+    """A conf YAML (conf/test.yaml plus Kafka, plus any other ``sections``) for jobs run in this
+    process or as subprocesses."""
     with open(os.path.join(ROOT, "conf", "test.yaml"), encoding="utf-8") as fh:
         conf = yaml.safe_load(fh)
-    conf.update(source="kafka", landing=landing, lake=lake)
+    conf.update(source="kafka", landing=landing, lake=lake, **(sections or {}))
     conf["kafka"] = {
         "bootstrap_servers": broker.bootstrap,
         "topics": {feed: f"{prefix}.{feed}" for feed in ("impressions", "clicks_conversions", "bid_requests")},
@@ -183,10 +185,13 @@ def publish(settings: Settings, out: str, options: GeneratorOptions, rate: float
 
 @pytest.fixture(scope="session")
 def kafka_lake(spark, kafka_broker, tmp_path_factory):
-    """The same generated events as ``generated_lake``, from Kafka topics instead of files."""
+    """The same generated events as ``generated_lake``, from Kafka topics instead of files, in
+    micro-batches of at most 4,000 messages per feed. Silver looks ids up only within each
+    batch's event times (``silver.dedup_scope``; the file drops keep the default, the whole table),
+    so the manifest's duplicates, sent in random later or earlier batches, check that lookup."""
     base = tmp_path_factory.mktemp("kafka_generated")
     conf = kafka_conf_file(base / "conf.yaml", kafka_broker, "gen", str(base / "landing"), str(base / "lake"),
-                           max_offsets_per_trigger=4000)
+                           sections={"silver": {"dedup_scope": "batch_event_times"}}, max_offsets_per_trigger=4000)
     settings = load_conf(conf)
     generator = publish(settings, str(base / "landing"), GENERATED)
     run_pipeline(spark, settings)

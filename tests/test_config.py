@@ -32,6 +32,7 @@ def _conf(tmp_path, text: str) -> str:
     ("validation:\n  rules:\n    impressions:\n      malformed_record: null\n", "must define malformed_record"),
     ("spark: [1\n", "is not valid YAML"),
     ("maintenance:\n  auto_compact: sometimes\n", "conf key 'maintenance.auto_compact' must be true or false"),
+    ("silver:\n  dedup_scope: recent\n", "conf key 'silver.dedup_scope' must be 'table' or 'batch_event_times'"),
 ])
 def test_bad_conf_names_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

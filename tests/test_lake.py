@@ -2,6 +2,10 @@
 the rows whose id a table does not hold yet."""
 from __future__ import annotations
 
+import datetime as dt
+import glob
+import os
+
 from chispa import assert_df_equality
 
 from advertisex import lake
@@ -79,3 +83,44 @@ def test_new_rows_are_those_whose_id_the_table_does_not_hold(spark, tmp_path):
     candidates = spark.createDataFrame([("b",), ("c",), ("d",), ("e",), (None,)], "id string")  # may hold more
     assert_df_equality(lake.new_rows(incoming, path, "id", candidates),
                        spark.createDataFrame([("c", 2), ("d", 2)], rows), ignore_row_order=True)
+
+
+def test_new_rows_within_event_times_look_only_there(spark, tmp_path):
+    """silver.dedup_scope batch_event_times: a re-sent record (its original's event time) is found
+    however many batches later; an id reused at a time outside the batch's is not; files of other
+    dates, and of other times of the same date, are not read at all (they are deleted here before
+    the lookup, which would fail on reading one)."""
+    path = str(tmp_path / "t")
+    rows = "id string, event_time timestamp, event_date date"
+
+    def at(text):
+        return dt.datetime.fromisoformat(text)
+
+    def row(id_, time):
+        return (id_, at(time), at(time).date())
+
+    def append(batch):
+        spark.createDataFrame(batch, rows).write.format("delta").mode("append").partitionBy("event_date").save(path)
+
+    append([row("a", "2026-11-20 10:00:00"), row("b", "2026-11-20 09:59:59"), row("c", "2026-11-20 12:00:00")])
+    before = set(glob.glob(f"{path}/**/*.parquet", recursive=True))
+    append([row("d", "2026-11-19 11:00:00")])   # later micro-batches: another date ...
+    append([row("f", "2026-11-20 20:00:00")])   # ... and later times of the same date
+    append([row("x", "2026-11-21 01:00:00")])
+    incoming = spark.createDataFrame(
+        [row("a", "2026-11-20 10:00:00"),   # re-sent: the same event time as the row in the table
+         row("b", "2026-11-20 10:30:00"),   # b's id reused half an hour after the table's b, outside the batch's times
+         row("c", "2026-11-20 12:00:00"),   # re-sent, at the batch's newest time
+         row("d", "2026-11-20 11:00:00"),   # d's id reused a day later
+         row("e", "2026-11-20 11:00:00")], rows)
+    # The whole table (the default) finds b and d too.
+    assert_df_equality(lake.new_rows(incoming, path, "id", incoming.select("id")),
+                       spark.createDataFrame([row("e", "2026-11-20 11:00:00")], rows), ignore_row_order=True)
+    for name in set(glob.glob(f"{path}/**/*.parquet", recursive=True)) - before:
+        os.remove(name)
+    within = lake.event_times(at("2026-11-20 10:00:00"), at("2026-11-20 12:00:00"))
+    expected = [row("b", "2026-11-20 10:30:00"), row("d", "2026-11-20 11:00:00"), row("e", "2026-11-20 11:00:00")]
+    assert_df_equality(lake.new_rows(incoming, path, "id", incoming.select("id"), within=within),
+                       spark.createDataFrame(expected, rows), ignore_row_order=True)
+    # A batch without valid records looks nowhere.
+    assert lake.new_rows(incoming, path, "id", incoming.select("id"), within=lake.event_times(None, None)).count() == 5
