@@ -91,9 +91,9 @@ def gold_scope(spark, settings, repeats: int) -> None:
 
 def dedup_lookup(spark, work: str, sizes: list[int], days: int, repeats: int = 3) -> None:
     """Silver's id lookup of one micro-batch (the table's newest 10,000 rows again, and 10,000 new
-    ids at the same times) against a table of each size: ``days`` days of
-    impression ids, partitioned by date, in 500 files that each cover a slice of event time as a
-    stream's micro-batches do. Both scopes: the whole table, and the batch's event times."""
+    ids at the same times) against a table of each size: ``days`` days of impression ids,
+    partitioned by date, in 500 files that each cover a slice of event time as a stream's
+    micro-batches do. Both scopes: the whole table, and the batch's event times."""
     start = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc).timestamp()
     results = []
     for size in sizes:
