@@ -32,9 +32,10 @@ class DateResult:
     seconds: float
 
 
-def read_silver(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date,
-                versions: dict[str, int] | None = None) -> dict[str, DataFrame]:
-    """The four silver event tables between two event dates (inclusive), as of ``versions`` if given."""
+def load_silver(spark: SparkSession, settings: Settings, versions: dict[str, int] | None = None) -> dict[str, DataFrame]:
+    """The four silver event tables, whole, as of ``versions`` if given. Loading a table at a
+    version builds that version's snapshot from the table's log (0.65 s each on a ten-minute
+    live-run lake, docs/BENCHMARKS.md); filters on a loaded frame reuse it."""
     frames = {}
     for name in gold.SILVER_TABLES:
         path = settings.table(f"silver/{name}")
@@ -43,8 +44,17 @@ def read_silver(spark: SparkSession, settings: Settings, first: dt.date, last: d
         reader = spark.read.format("delta")
         if versions is not None:
             reader = reader.option("versionAsOf", versions[name])
-        frames[name] = reader.load(path).filter(F.col("event_date").between(F.lit(first), F.lit(last)))
+        frames[name] = reader.load(path)
     return frames
+
+
+def read_silver(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date,
+                versions: dict[str, int] | None = None, loaded: dict[str, DataFrame] | None = None
+                ) -> dict[str, DataFrame]:
+    """The four silver event tables between two event dates (inclusive), as of ``versions`` if
+    given, or from frames ``load_silver`` gave."""
+    frames = loaded if loaded is not None else load_silver(spark, settings, versions)
+    return {name: df.filter(F.col("event_date").between(F.lit(first), F.lit(last))) for name, df in frames.items()}
 
 
 def silver_versions(spark: SparkSession, settings: Settings) -> dict[str, int]:
@@ -80,19 +90,20 @@ def write_dates(spark: SparkSession, tables: dict[str, DataFrame], settings: Set
 
 def rebuild(spark: SparkSession, settings: Settings, first: dt.date, last: dt.date,
             candidates_of=None, multi_touch: bool = True, silver_versions: dict[str, int] | None = None,
-            hours: dict[dt.date, list[int]] | None = None) -> None:
+            hours: dict[dt.date, list[int]] | None = None, loaded: dict[str, DataFrame] | None = None) -> None:
     """Recompute and replace gold for the event dates ``first`` to ``last`` (given ``hours``: only
     those hours of them, and the dates' daily rows).
 
     ``candidates_of(silver, since)`` gives the attribution candidates; by default they are found
     with batch joins over silver (the streaming query passes the ones its joins collected, and
     the silver versions its micro-batch started from, so that gold holds no event whose
-    candidates the stream has not looked for yet).
+    candidates the stream has not looked for yet, and those versions' frames, ``loaded`` once
+    for the whole micro-batch).
     """
     windows = Windows.from_conf(settings.conf)
     since = first - dt.timedelta(days=gold.lookback_days(windows))
     if candidates_of:
-        silver = read_silver(spark, settings, since, last, silver_versions)
+        silver = read_silver(spark, settings, since, last, silver_versions, loaded)
         found = candidates_of(silver, since)
     else:
         # A bid at 23:59 wins with an impression at 00:01 the next day: the joins look past `last`.

@@ -3,10 +3,13 @@ none of the batch's own events or candidates lie in; the stream must still end w
 gold."""
 from __future__ import annotations
 
-import shutil
 import datetime as dt
+import glob
+import os
+import shutil
 from decimal import Decimal
 
+import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
@@ -144,3 +147,95 @@ def test_an_hour_reads_only_the_hours_that_explain_it(spark):
     ], correlation.CANDIDATE_SCHEMA)
     needed = gold.click_hours({day: [0, 12]}, conversions, candidates, windows)
     assert needed == {day - dt.timedelta(days=1): [23], day: [0, 6, 7, 11, 12]}
+
+
+def test_settled_auctions_recount_only_the_hours_that_changed(spark, tmp_path):
+    """The wins check's figures are kept from batch to batch: a call reads the bid requests newer
+    than the newest it saw and the impressions of the hours it is told changed. With the right
+    hours it gives what a fresh count gives; an hour it is not told of keeps its earlier count."""
+    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    pipeline.ensure_silver_tables(spark, settings, pipeline.privacy_from(settings))
+    (spark.createDataFrame([(DAY, 9, 1), (DAY, 10, 2), (DAY, 11, 1), (DAY, 12, 5)],
+                           "event_date date, event_hour int, wins long")
+     .write.format("delta").save(settings.table("gold/bid_funnel_hourly")))
+
+    def impression(name: str, hh: int, mm: int, auction: str | None, ivt: bool = False) -> dict:
+        return {"impression_id": name, "event_time": at(hh, mm), "event_hour": hh, "auction_id": auction,
+                "is_ivt": ivt}
+
+    def bid(name: str, hh: int, mm: int, ivt: bool = False) -> dict:
+        return {"auction_id": name, "event_time": at(hh, mm), "event_hour": hh, "is_ivt": ivt}
+
+    def figures(auctions, changed_hours):
+        return auctions.figures(spark, settings, DAY, backfill.load_silver(spark, settings), changed_hours)
+
+    append_silver(spark, settings, "impressions", [
+        impression("i1", 9, 30, "a1"), impression("i2", 10, 15, "a2"), impression("i3", 10, 20, None),
+        impression("i4", 10, 40, "a4", ivt=True)])
+    # The newest bid request that counts is b1 at 11:03 (b2, later, is IVT): hours before 10:58's are settled.
+    append_silver(spark, settings, "bid_requests", [bid("b1", 11, 3), bid("b2", 12, 10, ivt=True)])
+    kept = correlation.SettledAuctions()
+    expected = {"gold:won_impressions": {"*": 1}, "gold:wins": {"*": 1}}  # i1; hour 9's win
+    assert figures(kept, None) == expected
+    assert figures(correlation.SettledAuctions(), None) == expected
+
+    # b3 settles hours 10 and 11; i5 lands late in hour 9, i6 in hour 11.
+    append_silver(spark, settings, "bid_requests", [bid("b3", 12, 30)])
+    append_silver(spark, settings, "impressions", [impression("i5", 9, 45, "a5"), impression("i6", 11, 10, "a6")])
+    expected = {"gold:won_impressions": {"*": 4}, "gold:wins": {"*": 4}}  # i1, i5, i2, i6; wins of hours 9-11
+    assert figures(kept, [9, 11, 12]) == expected
+    assert figures(correlation.SettledAuctions(), None) == expected
+
+    # i7 in hour 10, but the call is told only of hour 11: hour 10 keeps its count.
+    append_silver(spark, settings, "impressions", [impression("i7", 10, 50, "a7")])
+    assert figures(kept, [11]) == expected
+    assert figures(kept, [10])["gold:won_impressions"] == {"*": 5}
+    assert figures(correlation.SettledAuctions(), None)["gold:won_impressions"] == {"*": 5}
+
+    # No bid request on a day: nothing to judge.
+    assert correlation.SettledAuctions().figures(
+        spark, settings, DAY + dt.timedelta(days=1), backfill.load_silver(spark, settings)) == {}
+
+
+def test_a_batch_of_clicks_reads_nothing_before_its_earliest_click(spark, tmp_path):
+    """A batch whose changed clicks are all its own reads clicks, conversion candidates and
+    conversions from its earliest click on. The morning's files are deleted before it runs, so
+    reading one would fail; the afternoon's follower and conversion are still found."""
+    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    pipeline.ensure_silver_tables(spark, settings, pipeline.privacy_from(settings))
+    correlation.ensure_tables(spark, settings)
+    lake_files = lambda: set(glob.glob(f"{settings.lake}/**/*.parquet", recursive=True))  # noqa: E731
+
+    def add_candidates(rows):
+        (spark.createDataFrame([(kind, event, DAY, "c1", match, time, None) for kind, event, match, time in rows],
+                               correlation.CANDIDATE_SCHEMA)
+         .write.format("delta").mode("append").save(settings.table(correlation.CANDIDATES_TABLE)))
+
+    before = lake_files()
+    # The morning: u0 clicks at 08:00 and converts at 08:30 through that click.
+    append_silver(spark, settings, "clicks", [
+        {"event_id": "k0", "event_time": at(8, 0), "event_hour": 8, "user_key": "u0"}])
+    append_silver(spark, settings, "conversions", [
+        {"event_id": "v0", "event_time": at(8, 30), "event_hour": 8, "user_key": "u0"}])
+    add_candidates([("conversion_click", "v0", "k0", at(8, 0))])
+    morning = lake_files() - before
+    # The afternoon: u1's click k2 at 14:00:06, 6 s after k1, and v1 at 16:00 through k2.
+    append_silver(spark, settings, "clicks", [
+        {"event_id": "k2", "event_time": at(14, 0, 6), "event_hour": 14, "user_key": "u1"}])
+    append_silver(spark, settings, "conversions", [
+        {"event_id": "v1", "event_time": at(16, 0), "event_hour": 16, "user_key": "u1"}])
+    add_candidates([("conversion_click", "v1", "k2", at(14, 0, 6))])
+    # The batch: click k1 at 14:00 arrives; k2 may now repeat it, and v1's touch may change.
+    append_silver(spark, settings, "clicks", [
+        {"event_id": "k1", "event_time": at(14, 0), "event_hour": 14, "user_key": "u1"}])
+    events = spark.createDataFrame([("new_clicks", "k1", DAY, at(14, 0))],
+                                   "kind string, event_id string, event_date date, event_time timestamp")
+
+    assert correlation.affected_hours(spark, settings, events, backfill.silver_versions(spark, settings)) == {DAY: [14, 16]}
+    for name in morning:
+        os.remove(name)
+    assert correlation.affected_hours(spark, settings, events, backfill.silver_versions(spark, settings)) == {DAY: [14, 16]}
+    # A batch holding an impression an earlier batch left out has no such bound: it reads the date.
+    pinned = events.unionByName(spark.createDataFrame([("pinned_impressions", "i0", DAY, at(7, 55))], events.schema))
+    with pytest.raises(Exception, match="FileNotFound|FAILED_READ_FILE|does not exist"):
+        correlation.affected_hours(spark, settings, pinned, backfill.silver_versions(spark, settings))
