@@ -33,9 +33,10 @@ class DateResult:
 
 
 def load_silver(spark: SparkSession, settings: Settings, versions: dict[str, int] | None = None) -> dict[str, DataFrame]:
-    """The four silver event tables, whole, as of ``versions`` if given. Loading a table at a
-    version builds that version's snapshot from the table's log (0.65 s each on a ten-minute
-    live-run lake, docs/BENCHMARKS.md); filters on a loaded frame reuse it."""
+    """The four silver event tables, whole, as of ``versions`` if given. The first query on a
+    frame loaded at a version rebuilds that version's file list from the table's log (about 0.5 s
+    a table on a ten-minute live-run lake, docs/BENCHMARKS.md); filters on the same frame reuse
+    it, so load once and filter many times."""
     frames = {}
     for name in gold.SILVER_TABLES:
         path = settings.table(f"silver/{name}")
