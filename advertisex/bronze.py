@@ -7,6 +7,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 BRONZE_PARTITIONS = ["ingest_date"]
+# File statistics (``lake.stats_only``): not of ``raw``, a whole record, by which no read selects.
+STATS_COLUMNS = ["source", "ingested_at"]
 
 
 def with_ingestion(df: DataFrame, ingested_at: dt.datetime) -> DataFrame:

@@ -95,7 +95,8 @@ def last_appended(spark: SparkSession, path: str, app_id: str) -> int | None:
         limit *= 8
 
 
-def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_by: list[str] | None = None) -> bool:
+def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_by: list[str] | None = None,
+                properties: dict[str, str] | None = None) -> bool:
     """Append ``df`` as micro-batch ``version`` of ``app_id``, unless the table holds that batch.
     True when this call wrote ``df`` (an ``observe()`` on it then has its figures); False when the
     batch was in the table already, or when Delta's own transaction check decided (see below),
@@ -106,6 +107,7 @@ def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_b
     ``version`` is not above the last one it appended (a batch retried after a failure). Without
     a marked commit of the app id (a table written before marks), the append also passes Delta's
     ``txnAppId``/``txnVersion``, so Delta's own record of the app id decides, at its cost.
+    ``properties``: table properties for the table this append creates, if it does (``stats_only``).
     """
     key = (path, app_id)
     last = _appended.pop(key, None)  # put back only once this append is known to have committed
@@ -116,6 +118,7 @@ def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_b
         _appended[key] = last
         return False
     writer = df.write.format("delta").mode("append").option("userMetadata", batch_mark(app_id, version))
+    writer = writer.options(**(properties or {}))
     if last is None:
         writer = writer.option("txnAppId", app_id).option("txnVersion", str(version))
     if partition_by:
@@ -125,11 +128,12 @@ def append_once(df: DataFrame, path: str, app_id: str, version: int, partition_b
     return last is not None
 
 
-def ensure_table(spark: SparkSession, df: DataFrame, path: str, partition_by: list[str] | None = None) -> None:
-    """Create an empty Delta table with ``df``'s schema if there is none at ``path``."""
+def ensure_table(spark: SparkSession, df: DataFrame, path: str, partition_by: list[str] | None = None,
+                 properties: dict[str, str] | None = None) -> None:
+    """Create an empty Delta table with ``df``'s schema (and ``properties``) if there is none at ``path``."""
     if DeltaTable.isDeltaTable(spark, path):
         return
-    writer = df.limit(0).write.format("delta").mode("append")
+    writer = df.limit(0).write.format("delta").mode("append").options(**(properties or {}))
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     writer.save(path)
@@ -142,6 +146,36 @@ def ensure_columns(spark: SparkSession, df: DataFrame, path: str) -> None:
     existing = set(spark.read.format("delta").load(path).columns)
     if not set(df.columns) <= existing:
         df.limit(0).write.format("delta").mode("append").option("mergeSchema", "true").save(path)
+
+
+STATS_COLUMNS = "delta.dataSkippingStatsColumns"
+
+
+def stats_only(columns: list[str]) -> dict[str, str]:
+    """Table properties under which Delta keeps file statistics (min, max, null count) of
+    ``columns`` alone, rather than of a table's first 32 columns. A writing task computes them
+    row by row, for each column kept; only a column a read filters on can skip files by them. A
+    20,000-row silver append used 0.32 s of CPU instead of 0.47 s (docs/BENCHMARKS.md).
+
+    Writer options named ``delta.*`` become the table's properties when the write creates the
+    table; a table that exists keeps its own (``set_properties``).
+    """
+    return {STATS_COLUMNS: ",".join(columns)}
+
+
+def set_properties(spark: SparkSession, path: str, wanted: dict[str, str]) -> bool:
+    """Give the table at ``path`` the properties in ``wanted`` that it lacks or holds otherwise, in
+    one metadata commit; False, with no commit, when none differ or there is no table."""
+    if not DeltaTable.isDeltaTable(spark, path):
+        return False
+    quoted = path.replace("`", "``")
+    current = {row["key"]: row["value"] for row in spark.sql(f"SHOW TBLPROPERTIES delta.`{quoted}`").collect()}
+    changes = {key: value for key, value in wanted.items() if current.get(key) != value}
+    if not changes:
+        return False
+    assignments = ", ".join(f"'{key}' = '{value}'" for key, value in sorted(changes.items()))
+    spark.sql(f"ALTER TABLE delta.`{quoted}` SET TBLPROPERTIES ({assignments})")
+    return True
 
 
 @contextmanager

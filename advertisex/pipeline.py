@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -30,7 +31,7 @@ from advertisex import alerting, bronze, correlation, lake, maintenance, monitor
 from advertisex.config import Settings, pseudonymization_key
 from advertisex.session import quiet_when_stopped
 from advertisex.silver import Privacy
-from advertisex.validation import filter_valid, to_quarantine, with_rule_violations
+from advertisex.validation import QUARANTINE_STATS_COLUMNS, filter_valid, to_quarantine, with_rule_violations
 
 log = logging.getLogger("advertisex")
 
@@ -56,6 +57,19 @@ FEEDS = {
 }
 
 
+def feed_tables() -> list[str]:
+    """Every table the feed queries write, but ops/metrics."""
+    return [table for feed, spec in FEEDS.items()
+            for table in (f"bronze/{feed}", f"quarantine/{feed}", *(f"silver/{name}" for name in spec.silver_tables))]
+
+
+def stats_properties(table: str) -> dict[str, str]:
+    """The table properties that say which columns' file statistics a feed table keeps."""
+    layer = table.split("/", 1)[0]
+    return lake.stats_only({"bronze": bronze.STATS_COLUMNS, "quarantine": QUARANTINE_STATS_COLUMNS,
+                            "silver": silver.STATS_COLUMNS}[layer])
+
+
 def privacy_from(settings: Settings) -> Privacy:
     denylist = settings.conf["ivt"]["denylist"]
     return Privacy(
@@ -70,6 +84,34 @@ def read_dim(spark: SparkSession, settings: Settings) -> DataFrame:
     if DeltaTable.isDeltaTable(spark, path):
         return spark.read.format("delta").load(path)
     return spark.createDataFrame([], parsing.ddl_schema("dim_creatives.ddl"))
+
+
+class CreativesDimension:
+    """The creatives dimension as the feed batches join it: a copy in the driver's memory.
+
+    A copy is read from silver when a batch first needs it, and again after the dimension's own
+    query has merged a batch (``DimCreativesWriter`` calls ``changed``). A batch that joins the
+    copy plans no Delta scan and runs no Spark job to list and broadcast the table: two jobs
+    fewer per impressions batch and three per clicks batch (docs/BENCHMARKS.md). The table
+    holds a row per creative, a few hundred: the collect is the dimension, not the data.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._changes = 0
+        self._copy: tuple[int, DataFrame] | None = None
+
+    def changed(self) -> None:
+        with self._lock:
+            self._changes += 1
+
+    def frame(self, spark: SparkSession) -> DataFrame:
+        with self._lock:
+            if self._copy is None or self._copy[0] != self._changes:
+                stored = read_dim(spark, self.settings)
+                self._copy = (self._changes, spark.createDataFrame(stored.collect(), stored.schema))
+            return self._copy[1]
 
 
 def stage(feed: str, raw: DataFrame, dim: DataFrame, settings: Settings) -> DataFrame:
@@ -120,8 +162,9 @@ class FeedBatchWriter:
     """The foreachBatch handler of one feed's query."""
 
     def __init__(self, spark: SparkSession, settings: Settings, spec: FeedSpec, query_name: str, privacy: Privacy,
-                 monitor: alerting.Monitor | None = None):
+                 monitor: alerting.Monitor | None = None, dim: CreativesDimension | None = None):
         self.monitor = monitor
+        self.dim = dim or CreativesDimension(settings)
         self.spark = spark
         self.settings = settings
         self.spec = spec
@@ -164,7 +207,7 @@ class FeedBatchWriter:
         rules, known = self._rules, self._known_fields
         observation = Observation(f"advx_quality_{self.spec.feed}_{batch_id}_{uuid.uuid4().hex[:8]}")
         staged = (
-            stage(self.spec.feed, bronze.with_ingestion(raw, ingested_at), read_dim(spark, self.settings), self.settings)
+            stage(self.spec.feed, bronze.with_ingestion(raw, ingested_at), self.dim.frame(spark), self.settings)
             .observe(observation, *monitoring.quality_metrics(rules, known))
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
@@ -225,10 +268,11 @@ class FeedBatchWriter:
         writes = {f"silver/{name}": functools.partial(self._insert_new_rows, name, build, valid, qid, batch_id, within)
                   for name, build in self.spec.silver_tables.items()}
         writes["bronze"] = lambda: lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze",
-                                                    batch_id, bronze.BRONZE_PARTITIONS)
+                                                    batch_id, bronze.BRONZE_PARTITIONS, stats_properties("bronze"))
         if account.rows_quarantined:
             writes["quarantine"] = lambda: lake.append_once(to_quarantine(staged, self.spec.raw_text()),
-                                                            table(f"quarantine/{feed}"), f"{qid}:quarantine", batch_id)
+                                                            table(f"quarantine/{feed}"), f"{qid}:quarantine", batch_id,
+                                                            properties=stats_properties("quarantine"))
 
         def timed(write):
             started = time.monotonic()
@@ -260,14 +304,15 @@ class FeedBatchWriter:
         path, tag = self.settings.table(f"silver/{name}"), f"{qid}:{batch_id}"
         spark = valid.sparkSession
         rows = build(valid, self.privacy).withColumn("ingest_batch", F.lit(tag))
-        lake.ensure_table(spark, rows, path, silver.PARTITIONS[name])
+        lake.ensure_table(spark, rows, path, silver.PARTITIONS[name], stats_properties("silver"))
         key = silver.SILVER_KEYS[name]
 
         def append() -> tuple[dict[str, int], int]:
             observation = Observation(f"advx_silver_{name}_{batch_id}_{uuid.uuid4().hex[:8]}")
             counted = lake.new_rows(rows, path, key, candidates=valid.select(key), within=within).observe(
                 observation, F.collect_list(_campaign_of(rows)).alias("campaigns"), F.count_if("is_ivt").alias("ivt"))
-            if lake.append_once(counted, path, f"{qid}:silver/{name}", batch_id, silver.PARTITIONS[name]):
+            if lake.append_once(counted, path, f"{qid}:silver/{name}", batch_id, silver.PARTITIONS[name],
+                                stats_properties("silver")):
                 figures = observation.get
                 return dict(Counter(figures["campaigns"])), int(figures["ivt"])
             return _campaign_counts(committed_rows(spark, path, tag))
@@ -287,10 +332,12 @@ def committed_rows(spark: SparkSession, path: str, batch_tag: str) -> DataFrame:
 
 
 class DimCreativesWriter:
-    """foreachBatch handler of the creatives dimension: upsert by creative_id."""
+    """foreachBatch handler of the creatives dimension: upsert by creative_id; then tells the
+    feeds' copy (``CreativesDimension``), if given, that the table changed."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, copy: CreativesDimension | None = None):
         self.settings = settings
+        self.copy = copy
 
     def __call__(self, batch_df: DataFrame, batch_id: int) -> None:
         spark = batch_df.sparkSession
@@ -305,6 +352,8 @@ class DimCreativesWriter:
                 .whenNotMatchedInsertAll()
                 .execute()
             )
+        if self.copy is not None:
+            self.copy.changed()
         log.info("dim_creatives batch %d: merged", batch_id)
 
 
@@ -330,13 +379,17 @@ def ensure_silver_tables(spark: SparkSession, settings: Settings, privacy: Priva
         valid = filter_valid(stage(feed, bronze.with_ingestion(_empty_raw(spark, feed), now), dim, settings))
         for name, build in missing.items():
             rows = build(valid, Privacy(key=b"schema-only")).withColumn("ingest_batch", F.lit(None).cast("string"))
-            lake.ensure_table(spark, rows, settings.table(f"silver/{name}"), silver.PARTITIONS[name])
+            lake.ensure_table(spark, rows, settings.table(f"silver/{name}"), silver.PARTITIONS[name],
+                              stats_properties("silver"))
 
 
 def prepare_tables(spark: SparkSession, settings: Settings) -> None:
     """The tables several queries write to or read back, created before the queries start (or
-    their first commits race), with their compaction setting (``maintenance``)."""
+    their first commits race), with their compaction setting (``maintenance``). A feed table
+    from an older release is told which columns' statistics to keep (one commit, once)."""
     ensure_silver_tables(spark, settings, privacy_from(settings))
+    for table in feed_tables():
+        lake.set_properties(spark, settings.table(table), stats_properties(table))
     lake.ensure_columns(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
     correlation.ensure_tables(spark, settings)
     maintenance.set_auto_compaction(spark, settings)
@@ -413,14 +466,15 @@ def start_ingestion_queries(spark: SparkSession, settings: Settings, available_n
     """
     privacy = privacy_from(settings)
     checkpoints = settings.checkpoints.rstrip("/")
+    dim = CreativesDimension(settings)
 
     def dim_query(once: bool) -> StreamingQuery:
         return _start(sources.read_dim_creatives(spark, settings), "advx_dim_creatives",
-                      DimCreativesWriter(settings), f"{checkpoints}/dim_creatives", settings, available_now=once)
+                      DimCreativesWriter(settings, dim), f"{checkpoints}/dim_creatives", settings, available_now=once)
 
     def feed_query(feed: str) -> StreamingQuery:
         stream, checkpoint = _feed_stream(spark, settings, feed)
-        handler = FeedBatchWriter(spark, settings, FEEDS[feed], f"advx_{feed}", privacy, monitor)
+        handler = FeedBatchWriter(spark, settings, FEEDS[feed], f"advx_{feed}", privacy, monitor, dim)
         return _start(stream, f"advx_{feed}", handler, checkpoint, settings, available_now, feed)
 
     if settings.landing is not None:

@@ -55,6 +55,12 @@ PARTITIONS = {
     "bid_requests": ["event_date"],
 }
 
+# The columns whose file statistics reads of silver skip files by (``lake.stats_only``): gold's
+# reads by the hour (``event_hour``) and by event time, the id lookup bounded to a batch's event
+# times, and the read-back of one micro-batch's rows by its tag (``ingest_batch``). The partition
+# columns need none; Delta keeps none for a boolean such as ``is_ivt``.
+STATS_COLUMNS = ["event_time", "event_hour", "ingest_batch"]
+
 
 @dataclass(frozen=True)
 class Privacy:

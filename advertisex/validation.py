@@ -31,6 +31,10 @@ def filter_invalid(df: DataFrame) -> DataFrame:
     return df.filter(~is_valid())
 
 
+# File statistics of the quarantine (``lake.stats_only``): not of ``raw`` nor of ``reasons``.
+QUARANTINE_STATS_COLUMNS = ["source", "ingested_at"]
+
+
 def to_quarantine(df: DataFrame, raw: Column | str = "raw") -> DataFrame:
     """The quarantine row of each invalid record: the raw text, its reasons and where it came from."""
     raw = F.col(raw) if isinstance(raw, str) else raw

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import json
 import os
 
 from chispa import assert_df_equality
+from delta.tables import DeltaTable
 
 from advertisex import lake
 
@@ -124,3 +126,29 @@ def test_new_rows_within_event_times_look_only_there(spark, tmp_path):
                        spark.createDataFrame(expected, rows), ignore_row_order=True)
     # A batch without valid records looks nowhere.
     assert lake.new_rows(incoming, path, "id", incoming.select("id"), within=lake.event_times(None, None)).count() == 5
+
+
+def test_set_properties_commits_only_what_differs(spark, tmp_path):
+    path = str(tmp_path / "t")
+    append(spark, path, "a", 0)
+    wanted = lake.stats_only(["batch"])
+    assert lake.set_properties(spark, path, wanted) is True
+    assert lake.set_properties(spark, path, wanted) is False  # nothing differs: no commit
+    history = DeltaTable.forPath(spark, path).history().select("version", "operation").orderBy("version").collect()
+    assert [(h["version"], h["operation"]) for h in history] == [(0, "WRITE"), (1, "SET TBLPROPERTIES")]
+    assert DeltaTable.forPath(spark, path).detail().first()["properties"] == {"delta.dataSkippingStatsColumns": "batch"}
+    assert lake.set_properties(spark, str(tmp_path / "none"), wanted) is False  # no table, nothing created
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_a_table_append_once_creates_keeps_statistics_of_the_named_columns_only(spark, tmp_path):
+    path = str(tmp_path / "t")
+    properties = lake.stats_only(["batch"])
+    lake.append_once(batch(spark, "a", 0), path, "a", 0, properties=properties)
+    lake.append_once(batch(spark, "a", 1), path, "a", 1, properties=lake.stats_only(["app"]))  # ignored: the table exists
+    assert DeltaTable.forPath(spark, path).detail().first()["properties"] == properties
+    stats = [json.loads(json.loads(line)["add"]["stats"])
+             for log in sorted(glob.glob(os.path.join(path, "_delta_log", "*.json")))
+             for line in open(log) if '"add"' in line]
+    assert stats == [{"numRecords": 1, "minValues": {"batch": v}, "maxValues": {"batch": v}, "nullCount": {"batch": 0}}
+                     for v in (0, 1)]

@@ -81,3 +81,25 @@ def test_off_by_default_sets_nothing(spark, tmp_path):
     pipeline.prepare_tables(spark, settings)
     assert {t: property_of(spark, settings.table(t)) for t in maintenance.STREAM_READ_TABLES} == {
         t: None for t in maintenance.STREAM_READ_TABLES}
+
+
+def test_a_feed_table_from_an_older_release_is_told_which_statistics_to_keep(spark, tmp_path):
+    settings = settings_with(tmp_path, False)
+    old = settings.table("bronze/impressions")
+    spark.createDataFrame([("{}", "f", dt.datetime(2026, 11, 18), dt.date(2026, 11, 18))],
+                          "raw string, source string, ingested_at timestamp, ingest_date date"
+                          ).write.format("delta").partitionBy("ingest_date").save(old)
+    pipeline.prepare_tables(spark, settings)
+    pipeline.prepare_tables(spark, settings)  # a second start finds nothing to change
+    wanted = {table: {"delta.dataSkippingStatsColumns": ",".join(columns)}
+              for table, columns in [("bronze/impressions", ["source", "ingested_at"])]
+              + [(f"silver/{name}", ["event_time", "event_hour", "ingest_batch"])
+                 for name in ("impressions", "clicks", "conversions", "bid_requests")]}
+    assert {table: stats_property(spark, settings.table(table)) for table in wanted} == wanted
+    operations = [h["operation"] for h in DeltaTable.forPath(spark, old).history().orderBy("version").collect()]
+    assert operations == ["WRITE", "SET TBLPROPERTIES"]
+
+
+def stats_property(spark, path: str) -> dict:
+    properties = DeltaTable.forPath(spark, path).detail().first()["properties"] or {}
+    return {k: v for k, v in properties.items() if k == "delta.dataSkippingStatsColumns"}

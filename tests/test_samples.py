@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import hashlib
 import hmac
+import json
+import os
 
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
+from advertisex import pipeline
 from conftest import TEST_KEY, read_table
 
 
@@ -84,3 +88,26 @@ def test_accounting_per_feed(spark, samples_lake):
         ("impressions", 6, 3, 2, 1),
     ], metrics.schema)
     assert_df_equality(metrics, expected, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_feed_tables_keep_file_statistics_of_the_columns_reads_filter_on(spark, samples_lake):
+    """Delta's statistics of each data file name the table's declared columns, not its first 32."""
+    kept: dict[str, set[str]] = {}
+    for table in pipeline.feed_tables():
+        for log in sorted(glob.glob(os.path.join(samples_lake.table(table), "_delta_log", "*.json"))):
+            for line in open(log):
+                add = json.loads(line).get("add")
+                if add and add.get("stats") and json.loads(add["stats"])["numRecords"]:
+                    kept.setdefault(table, set()).update(json.loads(add["stats"])["nullCount"])
+    silver_columns = {"event_time", "event_hour", "ingest_batch"}
+    assert kept == {
+        "bronze/impressions": {"source", "ingested_at"},
+        "bronze/clicks_conversions": {"source", "ingested_at"},
+        "bronze/bid_requests": {"source", "ingested_at"},
+        "quarantine/impressions": {"source", "ingested_at"},
+        "quarantine/clicks_conversions": {"source", "ingested_at"},  # the bid request samples are all valid
+        "silver/impressions": silver_columns,
+        "silver/clicks": silver_columns,
+        "silver/conversions": silver_columns,
+        "silver/bid_requests": silver_columns,
+    }
