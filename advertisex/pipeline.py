@@ -90,10 +90,11 @@ class CreativesDimension:
     """The creatives dimension as the feed batches join it: a copy in the driver's memory.
 
     A copy is read from silver when a batch first needs it, and again after the dimension's own
-    query has merged a batch (``DimCreativesWriter`` calls ``changed``). A batch that joins the
-    copy plans no Delta scan and runs no Spark job to list and broadcast the table: two jobs
-    fewer per impressions batch and three per clicks batch (docs/BENCHMARKS.md). The table
-    holds a row per creative, a few hundred: the collect is the dimension, not the data.
+    query has merged a batch (``DimCreativesWriter`` calls ``changed``; nothing else does, so a
+    copy no such writer tells stays as first read). A batch that joins the copy plans no Delta
+    scan of the table and runs no job to list its files; broadcasting the copy still takes a
+    job (a join measured alone: 2 jobs instead of 4, docs/BENCHMARKS.md). The table holds a
+    row per creative, a few hundred: the collect is the dimension, not the data.
     """
 
     def __init__(self, settings: Settings):
