@@ -120,6 +120,10 @@ def day(clicks: dict, attributed: dict, impressions: dict, conversions: dict | N
 
 def test_wins_without_a_bid_request_over_the_settled_hours():
     history = History()
+    skewed = {**day({}, {}, {}), "gold:won_impressions": {"*": 1000}, "gold:wins": {"*": 300}}
+    for _ in range(CONF["min_history"]):  # just after a start: the feeds' queries far apart, not judged
+        history.gold.append(skewed)
+        assert evaluate(history, CONF, now=0, continuous=False) == []
     history.gold.append({**day({}, {}, {}), "gold:won_impressions": {"*": 1000}, "gold:wins": {"*": 990}})
     assert evaluate(history, CONF, now=0, continuous=False) == []
     history.gold.append({**day({}, {}, {}), "gold:won_impressions": {"*": 1000}, "gold:wins": {"*": 700}})
