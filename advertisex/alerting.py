@@ -230,8 +230,9 @@ def _gold_alerts(days: list[dict[str, dict[str, int]]], conf: dict) -> list[Aler
     found: list[Alert | None] = [_unmatched_clicks(latest, conf)]
     # Wins must lack their bid request after two gold batches in a row: in one batch the feeds'
     # queries can be far enough apart (seen at 60 % on 2 cores) to fake it for a moment. And not
-    # before min_history gold batches: just after a start the feeds' queries are furthest apart
-    # (an end-to-end run's second gold batch counted 1,999 won impressions against 690 wins).
+    # before min_history gold batches: a new pipeline's first gold batches see the feeds' queries
+    # furthest apart (an end-to-end run's second counted 1,999 won impressions against 690 wins).
+    # A restart reloads gold's history from ops/metrics, so this wait does not cover one.
     orphans = [detectors.wins_without_bid_request(
         max(0, sum(d["gold:won_impressions"].values()) - sum(d["gold:wins"].values())),
         sum(d["gold:won_impressions"].values()), conf) for d in days[-2:] if "gold:wins" in d]
