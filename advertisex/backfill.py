@@ -7,16 +7,15 @@ Running it twice therefore leaves the tables as they were after the first run.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.util import inheritable_thread_target
 from tqdm import tqdm
 
 from advertisex import attribution, gold, lake
@@ -75,13 +74,8 @@ def write_dates(spark: SparkSession, tables: dict[str, DataFrame], settings: Set
                 "gold/%s %s..%s: concurrent write, retry %d (%s)", name, first, last, n, type(exc).__name__),
         )
 
-    # Each table is its own Delta commit, and a small one is mostly the driver's work (snapshot,
-    # planning, the commit): the writes run side by side, so those waits overlap. Each thread
-    # takes this one's job group (a streaming query's, in a gold batch: stopping the query cancels
-    # its writes too).
-    with ThreadPoolExecutor(max_workers=len(tables)) as pool:
-        for done in [pool.submit(inheritable_thread_target(replace), df, name) for name, df in tables.items()]:
-            done.result()
+    # Each table is its own Delta commit; in a gold batch, stopping the query cancels them too.
+    lake.side_by_side([functools.partial(replace, df, name) for name, df in tables.items()])
     parts = (
         spark.read.format("delta").load(settings.table(f"gold/{gold.PARTS_TABLE}"))
         .filter(F.col("event_date").between(F.lit(first), F.lit(last)))

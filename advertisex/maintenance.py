@@ -38,10 +38,9 @@ def set_auto_compaction(spark: SparkSession, settings: Settings) -> None:
         path = settings.table(table)
         if not DeltaTable.isDeltaTable(spark, path):
             continue
-        properties = DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {}
-        if properties.get(AUTO_COMPACT, "false") != wanted:
-            quoted = path.replace("`", "``")
-            spark.sql(f"ALTER TABLE delta.`{quoted}` SET TBLPROPERTIES ('{AUTO_COMPACT}' = '{wanted}')")
+        # A table that never set the property has compaction off: no commit to say so again.
+        if lake.table_properties(spark, path).get(AUTO_COMPACT, "false") != wanted:
+            lake.set_properties(spark, path, {AUTO_COMPACT: wanted})
             log.info("%s: auto compaction %s", table, "on" if wanted == "true" else "off")
 
 

@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +24,6 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
-from pyspark.util import inheritable_thread_target
 
 from advertisex import alerting, bronze, correlation, lake, maintenance, monitoring, parsing, silver, sources
 from advertisex.config import Settings, pseudonymization_key
@@ -258,10 +256,9 @@ class FeedBatchWriter:
 
     def _write(self, staged: DataFrame, account: monitoring.BatchAccount, qid: str, batch_id: int,
                phases: monitoring.Laps) -> None:
-        """Every table's write side by side: each silver table's, bronze and quarantine. Each is a
-        few small Spark jobs and mostly the driver's work (a Delta snapshot, planning, a commit),
-        so one's waits overlap another's work. Every write is safe to repeat, alone: a batch that
-        fails in one of them is replayed whole."""
+        """Every table's write side by side (``lake.side_by_side``): each silver table's, bronze and
+        quarantine. Every write is safe to repeat, alone: a batch that fails in one of them is
+        replayed whole."""
         feed, table = self.spec.feed, self.settings.table
         valid = filter_valid(staged)
         scoped = self.settings.conf["silver"]["dedup_scope"] == "batch_event_times"
@@ -279,10 +276,7 @@ class FeedBatchWriter:
             started = time.monotonic()
             return write(), time.monotonic() - started
 
-        # Each thread takes the batch's job group: stopping the query cancels its writes too.
-        with ThreadPoolExecutor(max_workers=len(writes)) as pool:
-            running = {step: pool.submit(inheritable_thread_target(timed), write) for step, write in writes.items()}
-            done = {step: future.result() for step, future in running.items()}
+        done = dict(zip(writes, lake.side_by_side([functools.partial(timed, write) for write in writes.values()]), strict=True))
         for name in self.spec.silver_tables:
             by_campaign, ivt = done[f"silver/{name}"][0]
             account.by_campaign[f"silver:{name}"] = by_campaign
@@ -370,8 +364,14 @@ def ensure_silver_tables(spark: SparkSession, settings: Settings, privacy: Priva
     The correlation query streams from all four; it must be able to start before every feed
     has delivered its first record.
     """
+    lake.side_by_side(_silver_table_creations(spark, settings))
+
+
+def _silver_table_creations(spark: SparkSession, settings: Settings) -> list[Callable[[], None]]:
+    """A call per missing silver table that creates it (``ensure_silver_tables``)."""
     now = dt.datetime.now(dt.timezone.utc)
     dim = read_dim(spark, settings)
+    creations = []
     for feed, spec in FEEDS.items():
         missing = {n: b for n, b in spec.silver_tables.items()
                    if not DeltaTable.isDeltaTable(spark, settings.table(f"silver/{n}"))}
@@ -380,19 +380,23 @@ def ensure_silver_tables(spark: SparkSession, settings: Settings, privacy: Priva
         valid = filter_valid(stage(feed, bronze.with_ingestion(_empty_raw(spark, feed), now), dim, settings))
         for name, build in missing.items():
             rows = build(valid, Privacy(key=b"schema-only")).withColumn("ingest_batch", F.lit(None).cast("string"))
-            lake.ensure_table(spark, rows, settings.table(f"silver/{name}"), silver.PARTITIONS[name],
-                              stats_properties("silver"))
+            creations.append(functools.partial(lake.ensure_table, spark, rows, settings.table(f"silver/{name}"),
+                                               silver.PARTITIONS[name], stats_properties("silver")))
+    return creations
 
 
 def prepare_tables(spark: SparkSession, settings: Settings) -> None:
     """The tables several queries write to or read back, created before the queries start (or
     their first commits race), with their compaction setting (``maintenance``). A feed table
     from an older release is told which columns' statistics to keep (one commit, once)."""
-    ensure_silver_tables(spark, settings, privacy_from(settings))
+    metrics = spark.createDataFrame([], monitoring.METRICS_SCHEMA)
+    lake.side_by_side([  # each table its own commits: a new lake's tables are created side by side
+        *_silver_table_creations(spark, settings),
+        functools.partial(lake.ensure_columns, spark, metrics, settings.table("ops/metrics")),
+        functools.partial(correlation.ensure_tables, spark, settings),
+    ])
     for table in feed_tables():
         lake.set_properties(spark, settings.table(table), stats_properties(table))
-    lake.ensure_columns(spark, spark.createDataFrame([], monitoring.METRICS_SCHEMA), settings.table("ops/metrics"))
-    correlation.ensure_tables(spark, settings)
     maintenance.set_auto_compaction(spark, settings)
 
 
