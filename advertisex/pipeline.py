@@ -29,11 +29,18 @@ from advertisex import alerting, bronze, correlation, lake, maintenance, monitor
 from advertisex.config import Settings, pseudonymization_key
 from advertisex.session import quiet_when_stopped
 from advertisex.silver import Privacy
-from advertisex.validation import QUARANTINE_STATS_COLUMNS, filter_valid, to_quarantine, with_rule_violations
+from advertisex.validation import (
+    QUARANTINE_STATS_COLUMNS,
+    filter_valid,
+    is_valid,
+    to_quarantine,
+    with_rule_violations,
+)
 
 log = logging.getLogger("advertisex")
 
 SilverBuilder = Callable[[DataFrame, Privacy], DataFrame]
+QUARANTINE_TEXT = "_quarantine_text"  # a staged record's text in the quarantine (NULL when valid)
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,11 @@ class FeedBatchWriter:
         observation = Observation(f"advx_quality_{self.spec.feed}_{batch_id}_{uuid.uuid4().hex[:8]}")
         staged = (
             stage(self.spec.feed, bronze.with_ingestion(raw, ingested_at), self.dim.frame(spark), self.settings)
+            # The decoded Avro record, a bid request's widest column, is needed after parsing only
+            # for the quarantine's text of the few invalid records: that text is made here and the
+            # record is not cached (docs/BENCHMARKS.md).
+            .withColumn(QUARANTINE_TEXT, F.when(~is_valid(), self.spec.raw_text()))
+            .drop("record")
             .observe(observation, *monitoring.quality_metrics(rules, known))
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
@@ -268,7 +280,7 @@ class FeedBatchWriter:
         writes["bronze"] = lambda: lake.append_once(bronze.to_bronze(staged), table(f"bronze/{feed}"), f"{qid}:bronze",
                                                     batch_id, bronze.BRONZE_PARTITIONS, stats_properties("bronze"))
         if account.rows_quarantined:
-            writes["quarantine"] = lambda: lake.append_once(to_quarantine(staged, self.spec.raw_text()),
+            writes["quarantine"] = lambda: lake.append_once(to_quarantine(staged, QUARANTINE_TEXT),
                                                             table(f"quarantine/{feed}"), f"{qid}:quarantine", batch_id,
                                                             properties=stats_properties("quarantine"))
 

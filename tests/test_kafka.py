@@ -1,6 +1,7 @@
 """Kafka against a real broker: the broker itself, the wire format, gold, data loss and secrets."""
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import glob
 import json
@@ -20,7 +21,8 @@ from pyspark.sql import functions as F
 from advertisex import pipeline, sources
 from advertisex.config import load_conf
 from advertisex.generator import Generator, GeneratorOptions, WireFormat
-from conftest import ROOT, TEST_KEY, kafka_conf_file, read_table
+from advertisex.validation import to_quarantine
+from conftest import ROOT, TEST_KEY, kafka_conf_file, read_table, settings_for
 from test_gold import actual_daily, expected_daily, expected_funnel, funnel_by_date, table_version
 
 
@@ -82,6 +84,47 @@ def test_confluent_header_is_checked_before_decoding(spark):
         [(f"bids/0/{n}", "auc-1" if n == 0 else None, "bids/0", n) for n in range(len(messages))],
         "source string, auction_id string, file string, position long")
     assert_df_equality(actual, expected, ignore_nullable=True)
+
+
+def test_a_bid_requests_quarantine_row_keeps_its_record_as_json_or_its_bytes_in_base64(spark, tmp_path):
+    """The staged batch does not cache the decoded record; the quarantine's text of each invalid
+    bid request is made before the cache: the record's JSON when it decodes, else the message's
+    bytes in base64."""
+    wire = WireFormat(schema_id=1)
+    world = Generator(GeneratorOptions(impressions=10))
+    user, ip, agent = world.users[0]
+
+    def bid_request(auction_id: str, bid_price: float) -> dict:
+        record = world._bid_request(auction_id, dt.datetime(2026, 11, 16, tzinfo=dt.timezone.utc), user, ip, agent,
+                                    world.creatives[0], won=True)["avro"]
+        record["bid"]["bid_price"] = bid_price
+        return record
+
+    valid, negative = bid_request("auc-1", 1.25), bid_request("auc-2", -0.5)
+    unknown_schema = wire.frame(wire.avro_body(valid), schema_id=2)
+    messages = [wire.frame(wire.avro_body(valid)), wire.frame(wire.avro_body(negative)), unknown_schema]
+    frame = spark.createDataFrame(
+        [(value, "bids", 0, offset, dt.datetime(2026, 11, 16)) for offset, value in enumerate(messages)],
+        "value binary, topic string, partition int, offset long, timestamp timestamp")
+    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    writer = pipeline.FeedBatchWriter(spark, settings, pipeline.FEEDS["bid_requests"], "advx_bid_requests",
+                                      pipeline.privacy_from(settings))
+    staged, account = writer._staged(sources.to_kafka_records(frame, "bid_requests", [1]), 0,
+                                     dt.datetime.now(dt.timezone.utc), salvage=False)
+    try:
+        assert "record" not in staged.columns
+        rows = {r["source"]: (r["raw"], r["reasons"])
+                for r in to_quarantine(staged, pipeline.QUARANTINE_TEXT).collect()}
+    finally:
+        staged.unpersist()
+    assert (account.rows_in, account.rows_quarantined) == (3, 2)
+    assert set(rows) == {"bids/0/1", "bids/0/2"}
+    text, reasons = rows["bids/0/1"]
+    assert reasons == ["negative_amount"]
+    assert (json.loads(text)["auction_id"], json.loads(text)["bid"]["bid_price"]) == ("auc-2", -0.5)
+    text, reasons = rows["bids/0/2"]
+    assert reasons == ["malformed_record"]
+    assert base64.b64decode(text) == unknown_schema
 
 
 def test_bronze_keeps_topic_partition_offset_as_the_source(spark, kafka_lake):
