@@ -52,7 +52,7 @@ class BatchAccount:
     quarantine_by_rule: dict[str, int] = field(default_factory=dict)
     silver_by_table: dict[str, int] = field(default_factory=dict)
     ivt_rows: int = 0
-    max_event_time: dt.datetime | None = None
+    max_event_time: dt.datetime | None = None  # the newest event time of the valid records
     unknown_fields: dict[str, int] = field(default_factory=dict)
     by_campaign: dict[str, dict[str, int]] = field(default_factory=dict)
     # The earliest and newest event times of the valid records (None, None without any); not in ops/metrics.
@@ -73,17 +73,18 @@ class BatchAccount:
 
 def quality_metrics(rules: list[str], known_fields: list[str] | None) -> list[Column]:
     """The data-quality aggregates an ``observe()`` collects over a validated micro-batch while it is
-    materialised: rows, quarantined rows (all and per rule, in conf order), the newest event time,
-    the earliest and newest event times of its valid records and, for a JSON feed, how many
-    records carry fields the contract does not name."""
+    materialised: rows, quarantined rows (all and per rule, in conf order), the earliest and
+    newest event times of its valid records and, for a JSON feed, how many records carry fields
+    the contract does not name."""
     valid_time = F.when(is_valid(), F.col("event_time"))
     aggregates = [
         F.count(F.lit(1)).alias("rows"),
         F.count_if(F.size("reasons") > 0).alias("quarantined"),
         *[F.count_if(F.array_contains("reasons", rule)).alias(f"rule_{i}") for i, rule in enumerate(rules)],
-        F.max("event_time").alias("max_event_time"),
+        # Of valid records only: one quarantined record stamped in 2099 would otherwise hide the
+        # lag of the whole batch (a negative lag, and no alert).
+        F.max(valid_time).alias("max_event_time"),
         F.min(valid_time).alias("first_valid_time"),
-        F.max(valid_time).alias("last_valid_time"),
     ]
     if known_fields is not None:
         aggregates.append(F.count_if(F.size(unknown_json_fields(known_fields)) > 0).alias("drifting"))
@@ -101,7 +102,7 @@ def account_from_observation(feed: str, batch_id: int, observed: dict, rules: li
     by_rule = {rule: int(observed[f"rule_{i}"]) for i, rule in enumerate(rules) if observed[f"rule_{i}"]}
     return BatchAccount(feed, batch_id, int(observed["rows"]), int(observed["quarantined"]), by_rule,
                         max_event_time=observed["max_event_time"],
-                        valid_times=(observed["first_valid_time"], observed["last_valid_time"]))
+                        valid_times=(observed["first_valid_time"], observed["max_event_time"]))
 
 
 def count_unknown_fields(staged: DataFrame, known_fields: list[str]) -> dict[str, int]:

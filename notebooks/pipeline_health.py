@@ -37,7 +37,7 @@ def ops(name):
 # MAGIC %md
 # MAGIC ## Per feed and micro-batch: input rate, event-time lag, quarantine ratio
 # MAGIC The rate is the batch's records over the time since the feed's previous batch started (batch
-# MAGIC sizes follow the trigger; rates do not). The lag is the batch start minus its newest event.
+# MAGIC sizes follow the trigger; rates do not). The lag is the batch start minus its newest valid event.
 
 # COMMAND ----------
 

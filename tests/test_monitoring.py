@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import json
 import threading
 import time
 import urllib.request
@@ -114,6 +115,28 @@ def test_an_ops_metrics_row_built_in_the_jvm_holds_exactly_the_python_row(spark)
     for row in rows:
         expected = spark.createDataFrame([row], monitoring.METRICS_SCHEMA)
         assert_df_equality(monitoring.metrics_row_frame(spark, row), expected, ignore_nullable=True)
+
+
+def test_a_batchs_newest_event_time_is_of_its_valid_records(spark, tmp_path):
+    """A quarantined record stamped far in the future must not become the batch's newest event:
+    the event-time lag (its alert, its gauge and ops/metrics) would go negative for the whole batch."""
+    def line(impression_id: str, timestamp: str) -> str:
+        return json.dumps({"impression_id": impression_id, "timestamp": timestamp, "creative_id": "cr-1",
+                           "campaign_id": "cmp-0001", "user_id": "u-1", "website": "example.com", "cost": 0.01})
+
+    lines = [line("imp-1", "2026-11-20T10:00:00Z"), line("imp-2", "2026-11-20T11:30:00Z"),
+             line("imp-3", "2099-01-01T00:00:00Z"), '{"impression_id": "imp-4", "timest']
+    batch = spark.createDataFrame([(text, "drop-1.jsonl", dt.datetime(2026, 11, 20, 12)) for text in lines],
+                                  "raw string, source string, file_time timestamp")
+    settings = settings_for(str(tmp_path / "landing"), str(tmp_path / "lake"))
+    writer = pipeline.FeedBatchWriter(spark, settings, pipeline.FEEDS["impressions"], "advx_impressions",
+                                      pipeline.privacy_from(settings))
+    staged, account = writer._staged(batch, 0, dt.datetime(2026, 11, 20, 12, tzinfo=dt.timezone.utc), salvage=False)
+    staged.unpersist()
+    assert (account.rows_in, account.rows_quarantined, account.quarantine_by_rule) == (
+        4, 2, {"invalid_timestamp": 1, "malformed_record": 1})
+    assert account.max_event_time == dt.datetime(2026, 11, 20, 11, 30)
+    assert account.valid_times == (dt.datetime(2026, 11, 20, 10), dt.datetime(2026, 11, 20, 11, 30))
 
 
 def progress(batch: int, arrived: float, processed: float):
