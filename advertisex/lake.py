@@ -167,12 +167,14 @@ def stats_only(columns: list[str]) -> dict[str, str]:
     return {STATS_COLUMNS: ",".join(columns)}
 
 
-def set_properties(spark: SparkSession, path: str, wanted: dict[str, str]) -> bool:
+def set_properties(spark: SparkSession, path: str, wanted: dict[str, str], unset: dict[str, str] | None = None) -> bool:
     """Give the table at ``path`` the properties in ``wanted`` that it lacks or holds otherwise, in
-    one metadata commit; False, with no commit, when none differ or there is no table."""
+    one metadata commit; False, with no commit, when none differ or there is no table. ``unset``:
+    the value a property has in a table that never set it (Delta's default), which is then not
+    set again."""
     if not DeltaTable.isDeltaTable(spark, path):
         return False
-    current = table_properties(spark, path)
+    current = {**(unset or {}), **table_properties(spark, path)}
     changes = {key: value for key, value in wanted.items() if current.get(key) != value}
     if not changes:
         return False

@@ -35,12 +35,8 @@ def set_auto_compaction(spark: SparkSession, settings: Settings) -> None:
     """
     wanted = "true" if settings.conf["maintenance"]["auto_compact"] else "false"
     for table in STREAM_READ_TABLES:
-        path = settings.table(table)
-        if not DeltaTable.isDeltaTable(spark, path):
-            continue
         # A table that never set the property has compaction off: no commit to say so again.
-        if lake.table_properties(spark, path).get(AUTO_COMPACT, "false") != wanted:
-            lake.set_properties(spark, path, {AUTO_COMPACT: wanted})
+        if lake.set_properties(spark, settings.table(table), {AUTO_COMPACT: wanted}, unset={AUTO_COMPACT: "false"}):
             log.info("%s: auto compaction %s", table, "on" if wanted == "true" else "off")
 
 

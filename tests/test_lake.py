@@ -134,6 +134,8 @@ def test_set_properties_commits_only_what_differs(spark, tmp_path):
     wanted = lake.stats_only(["batch"])
     assert lake.set_properties(spark, path, wanted) is True
     assert lake.set_properties(spark, path, wanted) is False  # nothing differs: no commit
+    compaction = "delta.autoOptimize.autoCompact"  # a table that never set it holds Delta's default
+    assert lake.set_properties(spark, path, {compaction: "false"}, unset={compaction: "false"}) is False
     history = DeltaTable.forPath(spark, path).history().select("version", "operation").orderBy("version").collect()
     assert [(h["version"], h["operation"]) for h in history] == [(0, "WRITE"), (1, "SET TBLPROPERTIES")]
     assert DeltaTable.forPath(spark, path).detail().first()["properties"] == {"delta.dataSkippingStatsColumns": "batch"}
