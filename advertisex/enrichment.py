@@ -2,15 +2,18 @@
 
 User agents are parsed with maintained libraries (``user_agents`` on top of ua-parser's rules for
 device/browser/OS, ``crawlerdetect`` for bots) and IPs are placed with iptocc's offline database.
-Both run in Python, so they run once per *distinct* value of a micro-batch and are joined back:
-a batch of a million impressions carries a few hundred distinct user agents.
+Both run in Python with the user id's HMAC, in one Arrow UDF (``user_details``) that looks up
+each distinct value of an Arrow batch once.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -56,8 +59,6 @@ def hmac_sha256_hex(key: bytes):
 
     @F.pandas_udf(T.StringType())
     def user_key(values: pd.Series) -> pd.Series:
-        import hmac
-
         return values.map(
             lambda v: hmac.new(key, v.encode("utf-8"), hashlib.sha256).hexdigest() if isinstance(v, str) else None
         )
@@ -66,9 +67,11 @@ def hmac_sha256_hex(key: bytes):
 
 
 def with_pseudonymised_user(df: DataFrame, key: bytes) -> DataFrame:
-    """Replace ``user_id`` by ``user_key`` and ``ip`` by its truncation; the raw values are gone."""
-    df = df.withColumn("user_key", hmac_sha256_hex(key)(F.col("user_id")))
-    if "ip" in df.columns:
+    """Replace ``user_id`` by ``user_key`` and ``ip`` by its truncation; the raw values are gone.
+    A frame that has both already (``with_user_details``) only loses the raw values."""
+    if "user_key" not in df.columns:
+        df = df.withColumn("user_key", hmac_sha256_hex(key)(F.col("user_id")))
+    if "ip" in df.columns and "ip_truncated" not in df.columns:
         df = df.withColumn("ip_truncated", truncate_ip(F.col("ip")))
     return df.drop("user_id", "ip")
 
@@ -105,55 +108,73 @@ def describe_user_agent(user_agent: str) -> tuple[str, str | None, str | None, b
     return device, browser, os_name, is_bot
 
 
-@F.pandas_udf(UA_DETAILS)
-def _user_agent_details(user_agents: pd.Series) -> pd.DataFrame:
-    rows = [describe_user_agent(ua) if isinstance(ua, str) else (None, None, None, False) for ua in user_agents]
-    return pd.DataFrame(rows, columns=UA_DETAILS.fieldNames())
+USER_DETAILS = T.StructType([
+    *UA_DETAILS.fields,
+    T.StructField("country", T.StringType()),
+    T.StructField("user_key", T.StringType()),
+])
 
 
-def with_user_agent_details(df: DataFrame, column: str = "user_agent", agents: DataFrame | None = None) -> DataFrame:
-    """Add device_type, browser, os and is_bot, parsing each distinct user agent once.
+def _per_distinct(values: pa.Array, lookup, types: list[pa.DataType]) -> list[pa.Array]:
+    """Per row of ``values``, the results ``lookup`` gives (a list of distinct values -> one list per
+    result field, of ``types``, in the order of its input): each distinct value is looked up once,
+    and a NULL value has NULL results. Dictionary-encoding and the take back to rows run in
+    Arrow's C++, so no row becomes a Python object."""
+    encoded = pc.dictionary_encode(values)
+    fields = lookup(encoded.dictionary.to_pylist())
+    return [pa.array(field, type=kind).take(encoded.indices) for field, kind in zip(fields, types, strict=True)]
 
-    The distinct agents come from ``agents`` when given (any frame with ``column`` whose values
-    cover ``df``'s), else from ``df``. Passing the cached micro-batch spares recomputing
-    everything upstream of ``df`` just to list its agents.
+
+def user_details(key: bytes):
+    """A (user_id, ip_truncated, user_agent) -> ``USER_DETAILS`` function: device type, browser, OS and
+    bot flag of the user agent, country of the truncated IP, and ``user_key``, the HMAC-SHA256 of
+    the user id as lower-case hex.
+
+    One Arrow UDF for the three Python lookups, so a micro-batch's rows cross to Python once, and
+    each lookup runs once per distinct value of an Arrow batch (a batch of a million impressions
+    carries a few hundred user agents and some 14,000 /24 prefixes). Before, the user agents'
+    distinct values were aggregated, described and broadcast in two Spark jobs of their own
+    (docs/BENCHMARKS.md). The closure, not the query plan, holds the key: plans appear in
+    error messages and logs.
     """
-    agents = df if agents is None else agents
-    distinct = (
-        agents.select(F.col(column).alias("_ua")).filter(F.col("_ua").isNotNull()).distinct()
-        .withColumn("_ua_details", _user_agent_details(F.col("_ua")))
-    )
-    joined = df.join(F.broadcast(distinct), on=df[column] == distinct["_ua"], how="left")
+
+    def describe(agents: list[str]) -> list[list]:
+        described = [describe_user_agent(ua) for ua in agents]
+        return [[d[i] for d in described] for i in range(len(UA_DETAILS.fields))]
+
+    def pseudonyms(user_ids: list[str]) -> list[list]:
+        return [[hmac.new(key, v.encode("utf-8"), hashlib.sha256).hexdigest() for v in user_ids]]
+
+    @F.arrow_udf(USER_DETAILS)
+    def details(user_ids: pa.Array, ips: pa.Array, agents: pa.Array) -> pa.Array:
+        import iptocc
+
+        text = pa.string()
+        device, browser, os_name, is_bot = _per_distinct(agents, describe, [text, text, text, pa.bool_()])
+        (country,) = _per_distinct(ips, lambda prefixes: [iptocc.country_code(prefixes)], [text])
+        (user_key,) = _per_distinct(user_ids, pseudonyms, [text])
+        return pa.StructArray.from_arrays(
+            [device, browser, os_name, pc.fill_null(is_bot, False), country, user_key],
+            names=USER_DETAILS.fieldNames())
+
+    return details
+
+
+def with_user_details(df: DataFrame, key: bytes, user_agent: str = "user_agent") -> DataFrame:
+    """Add device_type, browser, os and is_bot (from ``user_agent``), ip_truncated and its country,
+    and user_key (``user_details``). ``user_id`` and ``ip`` stay for the IVT deny-lists;
+    ``with_pseudonymised_user`` drops them.
+
+    The country lookup uses the /24 or /48 prefix, never the full address; country databases do
+    not resolve finer than that.
+    """
+    df = df.withColumn("ip_truncated", truncate_ip(F.col("ip")))
+    details = user_details(key)(F.col("user_id"), F.col("ip_truncated"), F.col(user_agent))
     return (
-        joined.withColumn("device_type", F.col("_ua_details.device_type"))
-        .withColumn("browser", F.col("_ua_details.browser"))
-        .withColumn("os", F.col("_ua_details.os"))
-        .withColumn("is_bot", F.coalesce(F.col("_ua_details.is_bot"), F.lit(False)))
-        .drop("_ua", "_ua_details")
+        df.withColumn("_user_details", details)
+        .withColumns({name: F.col(f"_user_details.{name}") for name in USER_DETAILS.fieldNames()})
+        .drop("_user_details")
     )
-
-
-@F.pandas_udf(T.StringType())
-def country_of_ip(ips: pd.Series) -> pd.Series:
-    import iptocc
-
-    present = ips.notna()
-    result = pd.Series([None] * len(ips), index=ips.index, dtype="object")
-    if present.any():
-        result[present] = iptocc.country_code(ips[present].tolist())
-    return result
-
-
-def with_country(df: DataFrame, fallback: str | None = None) -> DataFrame:
-    """``country`` from the truncated IP (ISO alpha-2), else from ``fallback`` when given.
-
-    The lookup uses the /24 or /48 prefix, never the full address; country databases do not
-    resolve finer than that.
-    """
-    country = country_of_ip(F.col("ip_truncated"))
-    if fallback is not None:
-        country = F.coalesce(country, F.col(fallback))
-    return df.withColumn("country", country)
 
 
 def with_ivt(df: DataFrame, denylisted_users: list[str], denylisted_ips: list[str]) -> DataFrame:

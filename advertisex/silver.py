@@ -12,11 +12,10 @@ from pyspark.sql import functions as F
 
 from advertisex.enrichment import (
     normalize_website,
-    with_country,
     with_event_date,
     with_ivt,
     with_pseudonymised_user,
-    with_user_agent_details,
+    with_user_details,
 )
 
 SILVER_KEYS = {
@@ -86,7 +85,13 @@ def with_creative_dimension(df: DataFrame, dim: DataFrame) -> DataFrame:
 
 def with_campaign_advertiser(df: DataFrame, dim: DataFrame) -> DataFrame:
     """``advertiser_id`` of the record's campaign, for feeds that name a campaign but no creative."""
-    advertisers = dim.select(F.col("campaign_id").alias("_dim_campaign_id"), "advertiser_id").dropDuplicates(["_dim_campaign_id"])
+    # One partition (the dimension is a few hundred rows) already holds each campaign's rows
+    # together, so the deduplication plans no shuffle: one Spark job fewer per micro-batch.
+    advertisers = (
+        dim.select(F.col("campaign_id").alias("_dim_campaign_id"), "advertiser_id")
+        .coalesce(1)
+        .dropDuplicates(["_dim_campaign_id"])
+    )
     return (
         df.join(F.broadcast(advertisers), on=df["campaign_id"] == advertisers["_dim_campaign_id"], how="left")
         .drop("_dim_campaign_id")
@@ -127,9 +132,8 @@ def to_silver_impressions(valid: DataFrame, privacy: Privacy) -> DataFrame:
         valid.transform(keep_first_per_id, "impression_id")
         .withColumn("campaign_id", F.coalesce(F.col("campaign_id"), F.col("dim_campaign_id")))
         .withColumn("website", normalize_website(F.col("website")))
-        .transform(with_user_agent_details, agents=valid)
+        .transform(with_user_details, privacy.key)
         .transform(_standardise, privacy)
-        .transform(with_country)
         .select(*IMPRESSION_COLUMNS)
     )
 
@@ -155,9 +159,9 @@ def to_silver_bid_requests(valid: DataFrame, privacy: Privacy) -> DataFrame:
     return (
         valid.transform(keep_first_per_id, "auction_id")
         .withColumn("website", normalize_website(F.col("site_domain")))
-        .transform(with_user_agent_details, agents=valid)
+        .transform(with_user_details, privacy.key)
         .transform(_standardise, privacy)
-        .transform(with_country, fallback="exchange_country")
+        .withColumn("country", F.coalesce(F.col("country"), F.col("exchange_country")))
         .withColumn("device_type", F.coalesce(F.col("exchange_device_type"), F.col("device_type")))
         .withColumn("os", F.coalesce(F.col("exchange_os"), F.col("os")))
         .select(*BID_REQUEST_COLUMNS)

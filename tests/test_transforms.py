@@ -129,6 +129,43 @@ def test_user_agent_details():
     assert enrichment.describe_user_agent(iphone) == ("mobile", "Mobile Safari", "iOS", False)
 
 
+def test_user_details_per_row_match_the_libraries_and_rfc2104(spark):
+    """The one UDF that looks up each distinct agent, prefix and user once gives every row what the
+    libraries and HMAC give that row alone, NULLs included, in any mix of repeats."""
+    import iptocc
+
+    key = b"silver-key"
+    bot = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+    iphone = ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 "
+              "(KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1")
+    records = [
+        ("u-1", "1.2.3.4", iphone), ("u-2", "1.2.3.77", bot), ("u-1", "81.2.69.160", iphone),
+        (None, None, None), ("u-3", "2001:db8:85a3::8a2e:370:7334", "python-requests/2.32.3"),
+        ("u-2", "not-an-ip", iphone), ("u-4", "203.0.113.9", None),
+    ]
+    df = spark.createDataFrame(records, "user_id string, ip string, user_agent string").repartition(1)
+    actual = df.transform(enrichment.with_user_details, key)
+
+    def expected_row(user_id, ip, agent):
+        truncated = {"1.2.3.4": "1.2.3.0", "1.2.3.77": "1.2.3.0", "81.2.69.160": "81.2.69.0", "203.0.113.9": "203.0.113.0",
+                     "2001:db8:85a3::8a2e:370:7334": "2001:db8:85a3::"}.get(ip)
+        device, browser, os_name, is_bot = (enrichment.describe_user_agent(agent) if agent
+                                            else (None, None, None, False))
+        country = iptocc.country_code(truncated) if truncated else None
+        user_key = hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest() if user_id else None
+        return (user_id, ip, agent, truncated, device, browser, os_name, is_bot, country, user_key)
+
+    expected = spark.createDataFrame(
+        [expected_row(*r) for r in records],
+        "user_id string, ip string, user_agent string, ip_truncated string, device_type string, browser string, "
+        "os string, is_bot boolean, country string, user_key string")
+    assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
+    assert {r.country for r in actual.collect()} >= {"AU", "GB"}  # the lookup found real countries
+    # An Arrow batch with no value at all to look up.
+    nulls = df.filter(F.col("user_id").isNull()).transform(enrichment.with_user_details, key)
+    assert_df_equality(nulls, expected.filter(F.col("user_id").isNull()), ignore_nullable=True)
+
+
 def test_committed_rows_reads_only_the_batch_files(spark, tmp_path):
     """A batch's rows are found by file statistics on its tag, which is longer than Delta's default
     32-character string statistics: without the session's longer prefix every file would be read."""
