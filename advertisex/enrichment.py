@@ -11,7 +11,6 @@ import functools
 import hashlib
 import hmac
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import Column, DataFrame
@@ -49,19 +48,32 @@ def truncate_ip(col: Column) -> Column:
     )
 
 
+def _per_distinct(values: pa.Array, lookup, types: list[pa.DataType]) -> list[pa.Array]:
+    """Per row of ``values``, the results ``lookup`` gives (a list of distinct values -> one list per
+    result field, of ``types``, in the order of its input): each distinct value is looked up once,
+    and a NULL value has NULL results. Dictionary-encoding and the take back to rows run in
+    Arrow's C++, so no row becomes a Python object."""
+    encoded = pc.dictionary_encode(values)
+    fields = lookup(encoded.dictionary.to_pylist())
+    return [pa.array(field, type=kind).take(encoded.indices) for field, kind in zip(fields, types, strict=True)]
+
+
+def _hmac_hex(key: bytes, values: list[str]) -> list[str]:
+    return [hmac.new(key, v.encode("utf-8"), hashlib.sha256).hexdigest() for v in values]
+
+
 def hmac_sha256_hex(key: bytes):
     """A Column -> Column function: HMAC-SHA256 of a string, as lower-case hex.
 
-    A pandas UDF rather than sha2 built-ins on purpose: a JVM expression would carry key-derived
+    An Arrow UDF rather than sha2 built-ins on purpose: a JVM expression would carry key-derived
     pads as literals of the query plan, and plans appear in error messages and logs. The UDF's
     closure holds the key instead; its cost is measured in docs/BENCHMARKS.md.
     """
 
-    @F.pandas_udf(T.StringType())
-    def user_key(values: pd.Series) -> pd.Series:
-        return values.map(
-            lambda v: hmac.new(key, v.encode("utf-8"), hashlib.sha256).hexdigest() if isinstance(v, str) else None
-        )
+    @F.arrow_udf(T.StringType())
+    def user_key(values: pa.Array) -> pa.Array:
+        (keys,) = _per_distinct(values, lambda ids: [_hmac_hex(key, ids)], [pa.string()])
+        return keys
 
     return user_key
 
@@ -115,16 +127,6 @@ USER_DETAILS = T.StructType([
 ])
 
 
-def _per_distinct(values: pa.Array, lookup, types: list[pa.DataType]) -> list[pa.Array]:
-    """Per row of ``values``, the results ``lookup`` gives (a list of distinct values -> one list per
-    result field, of ``types``, in the order of its input): each distinct value is looked up once,
-    and a NULL value has NULL results. Dictionary-encoding and the take back to rows run in
-    Arrow's C++, so no row becomes a Python object."""
-    encoded = pc.dictionary_encode(values)
-    fields = lookup(encoded.dictionary.to_pylist())
-    return [pa.array(field, type=kind).take(encoded.indices) for field, kind in zip(fields, types, strict=True)]
-
-
 def user_details(key: bytes):
     """A (user_id, ip_truncated, user_agent) -> ``USER_DETAILS`` function: device type, browser, OS and
     bot flag of the user agent, country of the truncated IP, and ``user_key``, the HMAC-SHA256 of
@@ -142,9 +144,6 @@ def user_details(key: bytes):
         described = [describe_user_agent(ua) for ua in agents]
         return [[d[i] for d in described] for i in range(len(UA_DETAILS.fields))]
 
-    def pseudonyms(user_ids: list[str]) -> list[list]:
-        return [[hmac.new(key, v.encode("utf-8"), hashlib.sha256).hexdigest() for v in user_ids]]
-
     @F.arrow_udf(USER_DETAILS)
     def details(user_ids: pa.Array, ips: pa.Array, agents: pa.Array) -> pa.Array:
         import iptocc
@@ -152,7 +151,7 @@ def user_details(key: bytes):
         text = pa.string()
         device, browser, os_name, is_bot = _per_distinct(agents, describe, [text, text, text, pa.bool_()])
         (country,) = _per_distinct(ips, lambda prefixes: [iptocc.country_code(prefixes)], [text])
-        (user_key,) = _per_distinct(user_ids, pseudonyms, [text])
+        (user_key,) = _per_distinct(user_ids, lambda ids: [_hmac_hex(key, ids)], [text])
         return pa.StructArray.from_arrays(
             [device, browser, os_name, pc.fill_null(is_bot, False), country, user_key],
             names=USER_DETAILS.fieldNames())
